@@ -1,0 +1,247 @@
+//! Host API: runner hosts enroll with the shared enrollment secret and get a per-host token;
+//! with it they heartbeat, long-poll for assignments and report their VMs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::{parse_json, ApiError};
+use crate::jobs::{Job, VmState};
+use crate::labels::{Shape, DEFAULT_SHAPE};
+use crate::server::AppState;
+use crate::store::{Host, NewHost, ReportError};
+
+const DEFAULT_WAIT: Duration = Duration::from_secs(25);
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The host a request's bearer token belongs to.
+pub struct AuthHost(pub Host);
+
+impl FromRequestParts<Arc<AppState>> for AuthHost {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        let unauthorized =
+            || ApiError::new(StatusCode::UNAUTHORIZED, "missing or unknown host token");
+        let hash = token_hash(bearer(&parts.headers).ok_or_else(unauthorized)?);
+        state
+            .store(move |s| s.host_by_token(&hash))
+            .await?
+            .map(AuthHost)
+            .ok_or_else(unauthorized)
+    }
+}
+
+#[derive(Serialize)]
+struct Enrolled {
+    host: Host,
+    /// The host's credential for every later call (`Authorization: Bearer …`). Shown once.
+    token: String,
+    heartbeat_interval_s: u64,
+}
+
+fn validate(h: &NewHost) -> Result<(), String> {
+    let text_ok =
+        |s: &str, max: usize| !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control);
+    if !text_ok(&h.name, 128) {
+        return Err("name must be 1 to 128 printable characters".into());
+    }
+    if !text_ok(&h.address, 256) {
+        return Err("address must be 1 to 256 printable characters".into());
+    }
+    if h.vcpus == 0 || h.vcpus > 4096 {
+        return Err("vcpus must be 1 to 4096".into());
+    }
+    if h.memory_mb < 128 || h.memory_mb > 64 * 1024 * 1024 {
+        return Err("memory_mb must be 128 to 67108864".into());
+    }
+    if h.labels.len() > 64 || h.labels.iter().any(|l| !text_ok(l, 128)) {
+        return Err("at most 64 labels of 1 to 128 printable characters".into());
+    }
+    Ok(())
+}
+
+pub async fn enroll(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Some(secret) = &state.enroll_secret else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "enrollment is off: start the scheduler with --enroll-secret-file",
+        ));
+    };
+    // Compare digests so neither content nor length leaks through timing.
+    let given = token_hash(bearer(&headers).unwrap_or_default());
+    if !bool::from(given.ct_eq(&token_hash(secret.expose()))) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "wrong enrollment secret",
+        ));
+    }
+    let new: NewHost = parse_json(&body)?;
+    validate(&new).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let token = format!("hht_{}", hex::encode(rand::random::<[u8; 32]>()));
+    let hash = token_hash(&token);
+    let host = state.store(move |s| s.enroll_host(&new, &hash)).await?;
+    tracing::info!(host = %host.id, name = %host.name, vcpus = host.vcpus, memory_mb = host.memory_mb, "host enrolled");
+    state.placement_wake.notify_one();
+    let heartbeat_interval_s = (state.host_lost_after.as_secs() / 3).max(1);
+    Ok((
+        StatusCode::CREATED,
+        Json(Enrolled {
+            host,
+            token,
+            heartbeat_interval_s,
+        }),
+    )
+        .into_response())
+}
+
+pub async fn heartbeat(
+    State(state): State<Arc<AppState>>,
+    AuthHost(host): AuthHost,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = host.id.clone();
+    state.store(move |s| s.heartbeat(&id)).await?;
+    if host.state == crate::store::HostState::Lost {
+        tracing::warn!(host = %host.id, "lost host is heartbeating again; active again (its lost jobs stay lost)");
+        state.placement_wake.notify_one();
+    }
+    Ok(Json(json!({ "state": "active" })))
+}
+
+/// What a host gets to run: the job, the VM to boot and the runner's JIT config.
+#[derive(Serialize)]
+struct AssignmentBody {
+    job: Job,
+    shape: Shape,
+    image: String,
+    runner_name: String,
+    /// Start the runner with `./run.sh --jitconfig <jit_config>`. Single use.
+    jit_config: String,
+}
+
+pub async fn assignment(
+    State(state): State<Arc<AppState>>,
+    AuthHost(host): AuthHost,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let wait =
+        match q.get("wait") {
+            None => DEFAULT_WAIT,
+            Some(s) => Duration::from_secs(s.parse::<u64>().map_err(|_| {
+                ApiError::new(StatusCode::BAD_REQUEST, "wait must be whole seconds")
+            })?)
+            .min(MAX_WAIT),
+        };
+    let deadline = tokio::time::Instant::now() + wait;
+    // A waiting host is alive.
+    let id = host.id.clone();
+    state.store(move |s| s.heartbeat(&id)).await?;
+    loop {
+        // Register for the wake-up before looking, so an assignment made in between is seen.
+        let notified = state.assignments.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let id = host.id.clone();
+        if let Some(a) = state.store(move |s| s.assignment_for(&id)).await? {
+            let body = AssignmentBody {
+                shape: a.job.shape.unwrap_or(DEFAULT_SHAPE),
+                image: a
+                    .job
+                    .image
+                    .clone()
+                    .unwrap_or_else(|| crate::labels::DEFAULT_IMAGE.into()),
+                runner_name: a.job.runner_name.clone().unwrap_or_default(),
+                jit_config: a.jit_config.expose().to_owned(),
+                job: a.job,
+            };
+            return Ok(Json(body).into_response());
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Report {
+    vm_state: VmState,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+pub async fn report(
+    State(state): State<Arc<AppState>>,
+    AuthHost(host): AuthHost,
+    Path(job_id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Job>, ApiError> {
+    let job_id: u64 = job_id
+        .parse()
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "job id must be a number"))?;
+    let report: Report = parse_json(&body)?;
+    if report.message.as_ref().is_some_and(|m| m.len() > 4096) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "message over 4096 bytes",
+        ));
+    }
+    let host_id = host.id.clone();
+    let vm = report.vm_state;
+    let result = state
+        .store(move |s| s.report_vm(&host_id, job_id, vm, report.message.as_deref()))
+        .await;
+    match result {
+        Ok(job) => {
+            match vm {
+                VmState::Failed => {
+                    tracing::warn!(job = job_id, host = %host.id, reason = ?job.reason, "host reports the job's VM failed")
+                }
+                _ => tracing::info!(job = job_id, host = %host.id, vm = vm.as_str(), "VM status"),
+            }
+            if matches!(vm, VmState::Finished | VmState::Failed) {
+                state.placement_wake.notify_one();
+            }
+            Ok(Json(job))
+        }
+        Err(ReportError::NotYours(_)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("job {job_id} is not assigned to this host"),
+        )),
+        Err(e @ ReportError::VmBackwards { .. }) => {
+            Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))
+        }
+        Err(ReportError::Store(e)) => Err(e.into()),
+    }
+}

@@ -1,0 +1,192 @@
+//! `POST /webhook`.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::jobs::JobState;
+use crate::server::AppState;
+use crate::store::{DeliveryOutcome, JobChange};
+use crate::webhook::{intake, signature, IntakeError, MAX_BODY_BYTES};
+
+fn reject(state: &AppState, status: StatusCode, reason: &'static str, msg: String) -> Response {
+    state.metrics.delivery_rejected(reason);
+    tracing::info!(reason, %msg, "webhook delivery rejected");
+    (status, Json(json!({ "error": msg }))).into_response()
+}
+
+pub async fn receive(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        // Answer before reading: the body is never buffered.
+        return reject(
+            &state,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("body over {MAX_BODY_BYTES} bytes"),
+        );
+    }
+    let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            let too_large =
+                std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                    .any(|e| e.is::<http_body_util::LengthLimitError>());
+            return if too_large {
+                reject(
+                    &state,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("body over {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                reject(
+                    &state,
+                    StatusCode::BAD_REQUEST,
+                    "malformed",
+                    "cannot read body".into(),
+                )
+            };
+        }
+    };
+    let sig = headers.get("x-hub-signature-256").map(|v| v.as_bytes());
+    if let Err(e) = signature::verify(state.webhook_secret.expose().as_bytes(), sig, &bytes) {
+        return reject(&state, StatusCode::UNAUTHORIZED, e.reason(), e.to_string());
+    }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (Some(event), Some(delivery)) = (header("x-github-event"), header("x-github-delivery"))
+    else {
+        return reject(
+            &state,
+            StatusCode::BAD_REQUEST,
+            "missing_header",
+            "X-GitHub-Event and X-GitHub-Delivery are required".into(),
+        );
+    };
+    let st = state.clone();
+    let (ev, dl) = (event.clone(), delivery.clone());
+    let outcome = state
+        .store(move |s| intake(s, &st.label_prefix, &dl, &ev, &bytes))
+        .await;
+    match outcome {
+        Ok(DeliveryOutcome::Duplicate) => {
+            state.metrics.delivery_duplicate();
+            tracing::debug!(%delivery, %event, "redelivery; already handled");
+            (StatusCode::OK, Json(json!({ "status": "duplicate" }))).into_response()
+        }
+        Ok(DeliveryOutcome::Recorded(change)) => {
+            state.metrics.delivery_received();
+            match change {
+                Some(JobChange::Created(to)) | Some(JobChange::Moved { to, .. }) => {
+                    tracing::debug!(%delivery, state = to.as_str(), "job updated");
+                    if to == JobState::Queued || !to.holds_capacity() {
+                        state.placement_wake.notify_one();
+                    }
+                }
+                Some(JobChange::Refused(b)) => {
+                    tracing::info!(%delivery, from = b.from.as_str(), to = b.to.as_str(), "out-of-order event ignored");
+                }
+                Some(JobChange::Unchanged(_)) | None => {}
+            }
+            (StatusCode::OK, Json(json!({ "status": "accepted" }))).into_response()
+        }
+        Err(IntakeError::Malformed(e)) => {
+            reject(&state, StatusCode::BAD_REQUEST, "malformed", e.to_string())
+        }
+        Err(IntakeError::BadDeliveryId) => reject(
+            &state,
+            StatusCode::BAD_REQUEST,
+            "missing_header",
+            IntakeError::BadDeliveryId.to_string(),
+        ),
+        Err(IntakeError::Store(e)) => {
+            tracing::error!(error = %e, "cannot store delivery");
+            reject(
+                &state,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store_error",
+                "cannot store delivery".into(),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::secret::Secret;
+    use crate::store::SqliteStore;
+    use axum::http::Request;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio::sync::Notify;
+    use tower::ServiceExt;
+
+    /// `n` chunks of 1 MiB with no length announced (like a chunked upload).
+    struct Chunks(usize);
+
+    impl http_body::Body for Chunks {
+        type Data = bytes::Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
+            if self.0 == 0 {
+                return Poll::Ready(None);
+            }
+            self.0 -= 1;
+            Poll::Ready(Some(Ok(http_body::Frame::data(vec![b' '; 1 << 20].into()))))
+        }
+    }
+
+    /// A body without Content-Length is cut off at the limit, not buffered whole.
+    #[tokio::test]
+    async fn unannounced_oversized_body_is_413() {
+        let state = Arc::new(AppState {
+            store: Arc::new(SqliteStore::in_memory().unwrap()),
+            metrics: Metrics::default(),
+            webhook_secret: Secret::new("s"),
+            enroll_secret: None,
+            label_prefix: "hopper".into(),
+            github: None,
+            host_lost_after: std::time::Duration::from_secs(60),
+            placement_wake: Notify::new(),
+            assignments: Notify::new(),
+        });
+        let send = |chunks| {
+            let req = Request::post("/webhook")
+                .header("x-github-event", "ping")
+                .body(Body::new(Chunks(chunks)))
+                .unwrap();
+            crate::api::router(state.clone()).oneshot(req)
+        };
+        assert_eq!(
+            send(26).await.unwrap().status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        // Within the limit the body is read and judged on its signature.
+        assert_eq!(send(2).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+        let metrics = state.metrics.render(&[]);
+        assert!(metrics.contains("reason=\"too_large\"} 1\n"), "{metrics}");
+    }
+}

@@ -1,0 +1,214 @@
+//! Job and VM states, and the rule that they only move forward.
+
+use serde::{Deserialize, Serialize};
+
+use crate::labels::Shape;
+
+/// A job's life in Hopper. GitHub's events and host reports arrive late and out of order, so a
+/// state change is only applied when it moves the job forward (see [`transition`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a host with room.
+    Queued,
+    /// Names Hopper but its labels cannot be run (unknown shape…); kept so it is visible.
+    Unschedulable,
+    /// Placed on a host with a JIT runner config; the host has not started it yet.
+    Assigned,
+    /// GitHub (or the host) says a runner is working on it.
+    Running,
+    /// Its host stopped heartbeating while the job was on it.
+    Lost,
+    /// The host could not run its VM.
+    Failed,
+    /// GitHub says the job is finished (any conclusion).
+    Completed,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Queued,
+        JobState::Unschedulable,
+        JobState::Assigned,
+        JobState::Running,
+        JobState::Lost,
+        JobState::Failed,
+        JobState::Completed,
+    ];
+
+    /// Progress order; states of equal rank cannot replace each other.
+    fn rank(self) -> u8 {
+        match self {
+            JobState::Queued => 0,
+            JobState::Unschedulable | JobState::Assigned => 1,
+            JobState::Running => 2,
+            JobState::Lost | JobState::Failed => 3,
+            JobState::Completed => 4,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Unschedulable => "unschedulable",
+            JobState::Assigned => "assigned",
+            JobState::Running => "running",
+            JobState::Lost => "lost",
+            JobState::Failed => "failed",
+            JobState::Completed => "completed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Whether a job in this state holds capacity on its host.
+    pub fn holds_capacity(self) -> bool {
+        matches!(self, JobState::Assigned | JobState::Running)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Unchanged,
+    Forward,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("job cannot move from {} to {}", from.as_str(), to.as_str())]
+pub struct Backwards {
+    pub from: JobState,
+    pub to: JobState,
+}
+
+/// The only way a job's state changes: same state is a no-op, forward is allowed, anything
+/// else (a late `queued` after `completed`, `assigned` after `running`…) is refused.
+pub fn transition(from: JobState, to: JobState) -> Result<Transition, Backwards> {
+    if from == to {
+        Ok(Transition::Unchanged)
+    } else if to.rank() > from.rank() {
+        Ok(Transition::Forward)
+    } else {
+        Err(Backwards { from, to })
+    }
+}
+
+/// What the host says about the VM it runs a job in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Starting,
+    Running,
+    Finished,
+    Failed,
+}
+
+impl VmState {
+    fn rank(self) -> u8 {
+        match self {
+            VmState::Starting => 0,
+            VmState::Running => 1,
+            VmState::Finished | VmState::Failed => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Finished => "finished",
+            VmState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<VmState> {
+        [
+            VmState::Starting,
+            VmState::Running,
+            VmState::Finished,
+            VmState::Failed,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+
+    /// VM reports move forward only, like job states.
+    pub fn can_follow(self, previous: Option<VmState>) -> bool {
+        previous.is_none_or(|p| p == self || self.rank() > p.rank())
+    }
+
+    /// The job state a VM report implies, if any.
+    pub fn job_state(self) -> Option<JobState> {
+        match self {
+            VmState::Starting => None,
+            VmState::Running => Some(JobState::Running),
+            // The job's end is GitHub's to say (a `completed` webhook); the VM ending only
+            // frees the host.
+            VmState::Finished => None,
+            VmState::Failed => Some(JobState::Failed),
+        }
+    }
+}
+
+/// A job as the store keeps it and the operator API shows it. Holds no secrets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// GitHub's workflow_job id.
+    pub id: u64,
+    pub run_id: u64,
+    pub run_attempt: u32,
+    /// "owner/name".
+    pub repository: String,
+    pub installation_id: Option<u64>,
+    pub labels: Vec<String>,
+    pub state: JobState,
+    pub conclusion: Option<String>,
+    pub shape: Option<Shape>,
+    pub image: Option<String>,
+    /// Why the job is unschedulable or lost or failed.
+    pub reason: Option<String>,
+    pub host_id: Option<String>,
+    pub runner_id: Option<u64>,
+    pub runner_name: Option<String>,
+    pub vm_state: Option<VmState>,
+    /// Milliseconds since the epoch.
+    pub created_at: i64,
+    pub assigned_at: Option<i64>,
+    pub updated_at: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_backwards() {
+        use JobState::*;
+        assert_eq!(transition(Queued, Assigned), Ok(Transition::Forward));
+        assert_eq!(transition(Assigned, Running), Ok(Transition::Forward));
+        assert_eq!(transition(Running, Completed), Ok(Transition::Forward));
+        assert_eq!(transition(Queued, Completed), Ok(Transition::Forward));
+        assert_eq!(transition(Completed, Completed), Ok(Transition::Unchanged));
+        assert!(transition(Completed, Queued).is_err());
+        assert!(transition(Running, Assigned).is_err());
+        assert!(transition(Unschedulable, Assigned).is_err());
+        assert!(transition(Lost, Failed).is_err());
+        assert!(transition(Lost, Completed).is_ok());
+        for a in JobState::ALL {
+            for b in JobState::ALL {
+                if a != b && transition(a, b).is_ok() {
+                    assert!(transition(b, a).is_err(), "{a:?} <-> {b:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn vm_forward_only() {
+        assert!(VmState::Running.can_follow(Some(VmState::Starting)));
+        assert!(!VmState::Starting.can_follow(Some(VmState::Running)));
+        assert!(!VmState::Failed.can_follow(Some(VmState::Finished)));
+        assert!(VmState::Starting.can_follow(None));
+    }
+}

@@ -1,0 +1,22 @@
+//! Hopper's control plane: GitHub App webhook intake, durable job store, placement of jobs on
+//! runner hosts with just-in-time runner configs, the host API and the operator API.
+
+pub mod api;
+pub mod config;
+pub mod github;
+pub mod jobs;
+pub mod labels;
+pub mod metrics;
+pub mod placement;
+pub mod secret;
+pub mod server;
+pub mod store;
+pub mod webhook;
+
+/// Milliseconds since the Unix epoch: the store's time unit.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

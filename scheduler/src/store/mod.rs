@@ -1,0 +1,214 @@
+//! The durable store behind the scheduler. Everything the scheduler knows lives here, so a
+//! restart loses nothing. [`Store`] is the seam: SQLite implements it today; a PostgreSQL
+//! backend implements the same trait and `open` picks it by URL scheme.
+
+mod sqlite;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::jobs::{Backwards, Job, JobState, VmState};
+use crate::labels::Shape;
+use crate::secret::Secret;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("cannot open store: {0}")]
+    Open(String),
+}
+
+/// A job as one event (webhook or reconciliation) sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobUpdate {
+    pub id: u64,
+    pub run_id: u64,
+    pub run_attempt: u32,
+    pub repository: String,
+    pub installation_id: Option<u64>,
+    pub labels: Vec<String>,
+    /// The state the event asks for; applied only if it moves the job forward.
+    pub target: JobState,
+    pub conclusion: Option<String>,
+    pub shape: Option<Shape>,
+    pub image: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// What an update did to its job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobChange {
+    Created(JobState),
+    Moved {
+        from: JobState,
+        to: JobState,
+    },
+    Unchanged(JobState),
+    /// Out of order: the job is already further along; nothing changed.
+    Refused(Backwards),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// This `X-GitHub-Delivery` was seen before; nothing changed.
+    Duplicate,
+    Recorded(Option<JobChange>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    Active,
+    Lost,
+}
+
+impl HostState {
+    fn as_str(self) -> &'static str {
+        match self {
+            HostState::Active => "active",
+            HostState::Lost => "lost",
+        }
+    }
+}
+
+/// What a host declares when it enrolls.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewHost {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    pub address: String,
+}
+
+/// A host with what its jobs use of it. Holds no secrets (the token is kept only as a hash).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub id: String,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    pub labels: Vec<String>,
+    pub address: String,
+    pub state: HostState,
+    pub enrolled_at: i64,
+    pub last_heartbeat: i64,
+    pub used_vcpus: u32,
+    pub used_memory_mb: u64,
+}
+
+/// A runner registered with GitHub for one job.
+#[derive(Clone, Debug)]
+pub struct RunnerGrant {
+    pub runner_id: u64,
+    pub runner_name: String,
+    pub jit_config: Secret,
+}
+
+/// A job handed to a host, with the secret it needs to start the runner.
+#[derive(Clone, Debug)]
+pub struct Assignment {
+    pub job: Job,
+    pub jit_config: Secret,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LostHost {
+    pub host_id: String,
+    pub name: String,
+    pub jobs: Vec<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("job {0} is not assigned to this host")]
+    NotYours(u64),
+    #[error("VM state {new} cannot follow {old}")]
+    VmBackwards {
+        old: &'static str,
+        new: &'static str,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The scheduler's storage. Every method is one transaction: it either happens entirely or
+/// not at all. Methods are blocking; async callers use `spawn_blocking`.
+pub trait Store: Send + Sync + 'static {
+    /// Records a delivery id and applies its job update atomically. A delivery id seen before
+    /// changes nothing.
+    fn record_delivery(
+        &self,
+        delivery_id: &str,
+        event: &str,
+        update: Option<&JobUpdate>,
+    ) -> Result<DeliveryOutcome, StoreError>;
+    /// Applies an update found by reconciliation (no delivery id).
+    fn apply_update(&self, update: &JobUpdate) -> Result<JobChange, StoreError>;
+    fn job(&self, id: u64) -> Result<Option<Job>, StoreError>;
+    /// Jobs in arrival order, optionally of one state.
+    fn jobs(&self, state: Option<JobState>) -> Result<Vec<Job>, StoreError>;
+    fn job_counts(&self) -> Result<Vec<(JobState, u64)>, StoreError>;
+    /// Moves a queued job to `assigned` on a host with its runner. False (nothing changed) when
+    /// the job is no longer queued or the host is no longer active.
+    fn assign(&self, job_id: u64, host_id: &str, grant: &RunnerGrant) -> Result<bool, StoreError>;
+    /// The oldest job assigned to the host that the host has not acknowledged with a report.
+    fn assignment_for(&self, host_id: &str) -> Result<Option<Assignment>, StoreError>;
+    /// A host's report on the VM of one of its jobs; returns the job afterwards.
+    fn report_vm(
+        &self,
+        host_id: &str,
+        job_id: u64,
+        vm: VmState,
+        message: Option<&str>,
+    ) -> Result<Job, ReportError>;
+    fn enroll_host(&self, host: &NewHost, token_hash: &[u8]) -> Result<Host, StoreError>;
+    fn host_by_token(&self, token_hash: &[u8]) -> Result<Option<Host>, StoreError>;
+    /// Records a heartbeat; a lost host that heartbeats again becomes active (its lost jobs
+    /// stay lost).
+    fn heartbeat(&self, host_id: &str) -> Result<(), StoreError>;
+    fn hosts(&self) -> Result<Vec<Host>, StoreError>;
+    /// Marks active hosts whose last heartbeat is before `cutoff_ms` lost, and their jobs.
+    fn mark_lost(&self, cutoff_ms: i64) -> Result<Vec<LostHost>, StoreError>;
+    /// Finished jobs whose GitHub runner has not been removed yet.
+    fn runners_to_remove(&self) -> Result<Vec<Job>, StoreError>;
+    fn runner_removed(&self, job_id: u64) -> Result<(), StoreError>;
+    /// Forgets delivery ids received before `before_ms`; returns how many.
+    fn prune_deliveries(&self, before_ms: i64) -> Result<u64, StoreError>;
+}
+
+/// Opens the store named by `database` (a URL) or, without one, SQLite in `data_dir`.
+pub fn open(database: Option<&str>, data_dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
+    match database {
+        None => {
+            std::fs::create_dir_all(data_dir).map_err(|e| {
+                StoreError::Open(format!("cannot create {}: {e}", data_dir.display()))
+            })?;
+            Ok(Arc::new(SqliteStore::open(&data_dir.join("hopper.db"))?))
+        }
+        Some(url) => {
+            if let Some(path) = url.strip_prefix("sqlite://") {
+                if path.is_empty() {
+                    return Err(StoreError::Open("sqlite:// URL without a path".into()));
+                }
+                Ok(Arc::new(SqliteStore::open(Path::new(path))?))
+            } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                Err(StoreError::Open(
+                    "PostgreSQL is not implemented yet; use sqlite://PATH or --data-dir".into(),
+                ))
+            } else {
+                Err(StoreError::Open(
+                    "unsupported database URL: expected sqlite://PATH".into(),
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,540 @@
+//! SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises writers
+//! anyway), WAL journal, schema migrations tracked in `PRAGMA user_version`.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+
+use super::{
+    Assignment, DeliveryOutcome, Host, HostState, JobChange, JobUpdate, LostHost, NewHost,
+    ReportError, RunnerGrant, Store, StoreError,
+};
+use crate::jobs::{transition, Job, JobState, Transition, VmState};
+use crate::labels::Shape;
+use crate::now_ms;
+use crate::secret::Secret;
+
+/// Ordered schema migrations; entry N brings the schema from version N to N+1. Append only.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE deliveries (
+    id TEXT PRIMARY KEY,
+    event TEXT NOT NULL,
+    received_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL,
+    run_attempt INTEGER NOT NULL,
+    repository TEXT NOT NULL,
+    installation_id INTEGER,
+    labels TEXT NOT NULL,
+    state TEXT NOT NULL,
+    conclusion TEXT,
+    vcpus INTEGER,
+    memory_gb INTEGER,
+    image TEXT,
+    reason TEXT,
+    host_id TEXT REFERENCES hosts(id),
+    runner_id INTEGER,
+    runner_name TEXT,
+    jit_config TEXT,
+    vm_state TEXT,
+    runner_removed INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    assigned_at INTEGER,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX jobs_by_state ON jobs(state, created_at, id);
+CREATE INDEX jobs_by_host ON jobs(host_id, state);
+CREATE TABLE hosts (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    token_hash BLOB NOT NULL UNIQUE,
+    vcpus INTEGER NOT NULL,
+    memory_mb INTEGER NOT NULL,
+    labels TEXT NOT NULL,
+    address TEXT NOT NULL,
+    state TEXT NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    last_heartbeat INTEGER NOT NULL
+);
+"#];
+
+const JOB_COLUMNS: &str = "id, run_id, run_attempt, repository, installation_id, labels, state, \
+     conclusion, vcpus, memory_gb, image, reason, host_id, runner_id, runner_name, vm_state, \
+     created_at, assigned_at, updated_at";
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut conn = Connection::open(path)
+            .map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
+        // WAL + NORMAL: a committed delivery survives a crash of the process; only an OS crash
+        // can lose the last few commits.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// In-memory store for tests.
+    pub fn in_memory() -> Result<Self, StoreError> {
+        let mut conn = Connection::open_in_memory()?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with_tx<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction().map_err(StoreError::from)?;
+        let out = f(&tx)?;
+        tx.commit().map_err(StoreError::from)?;
+        Ok(out)
+    }
+
+    /// Row counts, for tests that check nothing was written.
+    pub fn row_counts(&self) -> Result<(u64, u64), StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let d = conn.query_row("SELECT count(*) FROM deliveries", [], |r| r.get(0))?;
+        let j = conn.query_row("SELECT count(*) FROM jobs", [], |r| r.get(0))?;
+        Ok((d, j))
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > MIGRATIONS.len() {
+        return Err(StoreError::Open(format!(
+            "database schema version {version} is newer than this binary knows ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
+    let labels: String = r.get(5)?;
+    let state: String = r.get(6)?;
+    let vcpus: Option<u32> = r.get(8)?;
+    let memory_gb: Option<u32> = r.get(9)?;
+    let vm: Option<String> = r.get(15)?;
+    let bad = |what: String| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, what.into())
+    };
+    Ok(Job {
+        id: r.get::<_, i64>(0)? as u64,
+        run_id: r.get::<_, i64>(1)? as u64,
+        run_attempt: r.get(2)?,
+        repository: r.get(3)?,
+        installation_id: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+        labels: serde_json::from_str(&labels).map_err(|e| bad(format!("labels: {e}")))?,
+        state: JobState::parse(&state).ok_or_else(|| bad(format!("job state {state}")))?,
+        conclusion: r.get(7)?,
+        shape: vcpus
+            .zip(memory_gb)
+            .map(|(vcpus, memory_gb)| Shape { vcpus, memory_gb }),
+        image: r.get(10)?,
+        reason: r.get(11)?,
+        host_id: r.get(12)?,
+        runner_id: r.get::<_, Option<i64>>(13)?.map(|v| v as u64),
+        runner_name: r.get(14)?,
+        vm_state: match vm {
+            None => None,
+            Some(v) => Some(VmState::parse(&v).ok_or_else(|| bad(format!("vm state {v}")))?),
+        },
+        created_at: r.get(16)?,
+        assigned_at: r.get(17)?,
+        updated_at: r.get(18)?,
+    })
+}
+
+fn get_job(tx: &Connection, id: u64) -> Result<Option<Job>, StoreError> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
+    let job = tx
+        .prepare_cached(&sql)?
+        .query_row([id as i64], job_from_row)
+        .optional()?;
+    Ok(job)
+}
+
+fn apply(tx: &Transaction<'_>, u: &JobUpdate) -> Result<JobChange, StoreError> {
+    let now = now_ms();
+    let current: Option<String> = tx
+        .prepare_cached("SELECT state FROM jobs WHERE id = ?1")?
+        .query_row([u.id as i64], |r| r.get(0))
+        .optional()?;
+    let Some(current) = current else {
+        let labels =
+            serde_json::to_string(&u.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        tx.prepare_cached(
+            "INSERT INTO jobs (id, run_id, run_attempt, repository, installation_id, labels, \
+             state, conclusion, vcpus, memory_gb, image, reason, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13)",
+        )?
+        .execute(params![
+            u.id as i64,
+            u.run_id as i64,
+            u.run_attempt,
+            u.repository,
+            u.installation_id.map(|v| v as i64),
+            labels,
+            u.target.as_str(),
+            u.conclusion,
+            u.shape.map(|s| s.vcpus),
+            u.shape.map(|s| s.memory_gb),
+            u.image,
+            u.reason,
+            now,
+        ])?;
+        return Ok(JobChange::Created(u.target));
+    };
+    let from = JobState::parse(&current).ok_or_else(|| StoreError::Corrupt(current.clone()))?;
+    match transition(from, u.target) {
+        Err(backwards) => Ok(JobChange::Refused(backwards)),
+        Ok(Transition::Unchanged) => Ok(JobChange::Unchanged(from)),
+        Ok(Transition::Forward) => {
+            tx.prepare_cached(
+                "UPDATE jobs SET state = ?2, conclusion = coalesce(?3, conclusion), \
+                 installation_id = coalesce(installation_id, ?4), updated_at = ?5 WHERE id = ?1",
+            )?
+            .execute(params![
+                u.id as i64,
+                u.target.as_str(),
+                u.conclusion,
+                u.installation_id.map(|v| v as i64),
+                now
+            ])?;
+            Ok(JobChange::Moved { from, to: u.target })
+        }
+    }
+}
+
+const HOST_SELECT: &str = "SELECT h.id, h.name, h.vcpus, h.memory_mb, h.labels, h.address, \
+     h.state, h.enrolled_at, h.last_heartbeat, \
+     coalesce((SELECT sum(j.vcpus) FROM jobs j WHERE j.host_id = h.id \
+        AND j.state IN ('assigned', 'running') AND coalesce(j.vm_state, '') NOT IN ('finished', 'failed')), 0), \
+     coalesce((SELECT sum(j.memory_gb) FROM jobs j WHERE j.host_id = h.id \
+        AND j.state IN ('assigned', 'running') AND coalesce(j.vm_state, '') NOT IN ('finished', 'failed')), 0) \
+     FROM hosts h";
+
+fn host_from_row(r: &Row<'_>) -> rusqlite::Result<Host> {
+    let labels: String = r.get(4)?;
+    let state: String = r.get(6)?;
+    let bad = |what: String| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, what.into())
+    };
+    Ok(Host {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        vcpus: r.get(2)?,
+        memory_mb: r.get::<_, i64>(3)? as u64,
+        labels: serde_json::from_str(&labels).map_err(|e| bad(format!("labels: {e}")))?,
+        address: r.get(5)?,
+        state: match state.as_str() {
+            "active" => HostState::Active,
+            "lost" => HostState::Lost,
+            other => return Err(bad(format!("host state {other}"))),
+        },
+        enrolled_at: r.get(7)?,
+        last_heartbeat: r.get(8)?,
+        used_vcpus: r.get(9)?,
+        used_memory_mb: r.get::<_, i64>(10)? as u64 * 1024,
+    })
+}
+
+impl Store for SqliteStore {
+    fn record_delivery(
+        &self,
+        delivery_id: &str,
+        event: &str,
+        update: Option<&JobUpdate>,
+    ) -> Result<DeliveryOutcome, StoreError> {
+        self.with_tx(|tx| {
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO deliveries (id, event, received_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (id) DO NOTHING",
+                )?
+                .execute(params![delivery_id, event, now_ms()])?;
+            if inserted == 0 {
+                return Ok(DeliveryOutcome::Duplicate);
+            }
+            let change = update.map(|u| apply(tx, u)).transpose()?;
+            Ok(DeliveryOutcome::Recorded(change))
+        })
+    }
+
+    fn apply_update(&self, update: &JobUpdate) -> Result<JobChange, StoreError> {
+        self.with_tx(|tx| apply(tx, update))
+    }
+
+    fn job(&self, id: u64) -> Result<Option<Job>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        get_job(&conn, id)
+    }
+
+    fn jobs(&self, state: Option<JobState>) -> Result<Vec<Job>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE ?1 IS NULL OR state = ?1 ORDER BY created_at, id"
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map([state.map(|s| s.as_str())], job_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn job_counts(&self) -> Result<Vec<(JobState, u64)>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = conn.prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (s, n) = row?;
+            out.push((JobState::parse(&s).ok_or(StoreError::Corrupt(s))?, n as u64));
+        }
+        Ok(out)
+    }
+
+    fn assign(&self, job_id: u64, host_id: &str, grant: &RunnerGrant) -> Result<bool, StoreError> {
+        self.with_tx(|tx| {
+            let now = now_ms();
+            let n = tx.execute(
+                "UPDATE jobs SET state = 'assigned', host_id = ?2, runner_id = ?3, \
+                 runner_name = ?4, jit_config = ?5, assigned_at = ?6, updated_at = ?6 \
+                 WHERE id = ?1 AND state = 'queued' \
+                 AND EXISTS (SELECT 1 FROM hosts WHERE id = ?2 AND state = 'active')",
+                params![
+                    job_id as i64,
+                    host_id,
+                    grant.runner_id as i64,
+                    grant.runner_name,
+                    grant.jit_config.expose(),
+                    now
+                ],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    // `running` too: GitHub may have given the job to another runner before this host started
+    // ours; the JIT runner is still wanted, since a job with these labels is waiting for it.
+    fn assignment_for(&self, host_id: &str) -> Result<Option<Assignment>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let sql = format!(
+            "SELECT {JOB_COLUMNS}, jit_config FROM jobs WHERE host_id = ?1 \
+             AND state IN ('assigned', 'running') AND vm_state IS NULL AND jit_config IS NOT NULL \
+             ORDER BY assigned_at, id LIMIT 1"
+        );
+        let found = conn
+            .prepare_cached(&sql)?
+            .query_row([host_id], |r| {
+                Ok((job_from_row(r)?, r.get::<_, String>(19)?))
+            })
+            .optional()?;
+        Ok(found.map(|(job, jit)| Assignment {
+            job,
+            jit_config: Secret::new(jit),
+        }))
+    }
+
+    fn report_vm(
+        &self,
+        host_id: &str,
+        job_id: u64,
+        vm: VmState,
+        message: Option<&str>,
+    ) -> Result<Job, ReportError> {
+        self.with_tx(|tx| {
+            let job = get_job(tx, job_id)?
+                .filter(|j| j.host_id.as_deref() == Some(host_id))
+                .ok_or(ReportError::NotYours(job_id))?;
+            if !vm.can_follow(job.vm_state) {
+                return Err(ReportError::VmBackwards {
+                    old: job.vm_state.map_or("none", VmState::as_str),
+                    new: vm.as_str(),
+                });
+            }
+            let now = now_ms();
+            // The JIT config is single-use and the host has it now: stop keeping it.
+            tx.execute(
+                "UPDATE jobs SET vm_state = ?2, jit_config = NULL, updated_at = ?3 WHERE id = ?1",
+                params![job_id as i64, vm.as_str(), now],
+            )
+            .map_err(StoreError::from)?;
+            if let Some(target) = vm.job_state() {
+                if transition(job.state, target) == Ok(Transition::Forward) {
+                    tx.execute(
+                        "UPDATE jobs SET state = ?2, reason = coalesce(?3, reason) WHERE id = ?1",
+                        params![job_id as i64, target.as_str(), message],
+                    )
+                    .map_err(StoreError::from)?;
+                }
+            }
+            get_job(tx, job_id)?.ok_or(ReportError::NotYours(job_id))
+        })
+    }
+
+    fn enroll_host(&self, host: &NewHost, token_hash: &[u8]) -> Result<Host, StoreError> {
+        let id = format!("h-{:016x}", rand::random::<u64>());
+        self.with_tx(|tx| {
+            let now = now_ms();
+            let labels =
+                serde_json::to_string(&host.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            tx.execute(
+                "INSERT INTO hosts (id, name, token_hash, vcpus, memory_mb, labels, address, \
+                 state, enrolled_at, last_heartbeat) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+                params![
+                    id,
+                    host.name,
+                    token_hash,
+                    host.vcpus,
+                    host.memory_mb as i64,
+                    labels,
+                    host.address,
+                    HostState::Active.as_str(),
+                    now
+                ],
+            )?;
+            let sql = format!("{HOST_SELECT} WHERE h.id = ?1");
+            Ok(tx.query_row(&sql, [&id], host_from_row)?)
+        })
+    }
+
+    fn host_by_token(&self, token_hash: &[u8]) -> Result<Option<Host>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let sql = format!("{HOST_SELECT} WHERE h.token_hash = ?1");
+        let host = conn
+            .prepare_cached(&sql)?
+            .query_row([token_hash], host_from_row)
+            .optional()?;
+        Ok(host)
+    }
+
+    fn heartbeat(&self, host_id: &str) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            tx.prepare_cached(
+                "UPDATE hosts SET last_heartbeat = ?2, state = 'active' WHERE id = ?1",
+            )?
+            .execute(params![host_id, now_ms()])?;
+            Ok(())
+        })
+    }
+
+    fn hosts(&self) -> Result<Vec<Host>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let sql = format!("{HOST_SELECT} ORDER BY h.enrolled_at, h.id");
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map([], host_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn mark_lost(&self, cutoff_ms: i64) -> Result<Vec<LostHost>, StoreError> {
+        self.with_tx(|tx| {
+            let mut lost = Vec::new();
+            let stale: Vec<(String, String)> = tx
+                .prepare("SELECT id, name FROM hosts WHERE state = 'active' AND last_heartbeat < ?1")?
+                .query_map([cutoff_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let now = now_ms();
+            for (host_id, name) in stale {
+                tx.execute("UPDATE hosts SET state = 'lost' WHERE id = ?1", [&host_id])?;
+                let jobs: Vec<u64> = tx
+                    .prepare("SELECT id FROM jobs WHERE host_id = ?1 AND state IN ('assigned', 'running') ORDER BY id")?
+                    .query_map([&host_id], |r| r.get::<_, i64>(0).map(|v| v as u64))?
+                    .collect::<Result<_, _>>()?;
+                tx.execute(
+                    "UPDATE jobs SET state = 'lost', reason = ?2, updated_at = ?3 \
+                     WHERE host_id = ?1 AND state IN ('assigned', 'running')",
+                    params![host_id, format!("host {name} ({host_id}) stopped heartbeating"), now],
+                )?;
+                lost.push(LostHost { host_id, name, jobs });
+            }
+            Ok(lost)
+        })
+    }
+
+    fn runners_to_remove(&self) -> Result<Vec<Job>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE runner_id IS NOT NULL AND runner_removed = 0 \
+             AND state IN ('completed', 'lost', 'failed') ORDER BY updated_at, id"
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map([], job_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn runner_removed(&self, job_id: u64) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "UPDATE jobs SET runner_removed = 1, jit_config = NULL WHERE id = ?1",
+                [job_id as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn prune_deliveries(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.with_tx(|tx| {
+            let n = tx.execute("DELETE FROM deliveries WHERE received_at < ?1", [before_ms])?;
+            Ok(n as u64)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_idempotent_and_newer_schemas_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hopper.db");
+        SqliteStore::open(&path).unwrap();
+        SqliteStore::open(&path).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", MIGRATIONS.len() + 1)
+            .unwrap();
+        drop(conn);
+        assert!(matches!(SqliteStore::open(&path), Err(StoreError::Open(_))));
+    }
+
+    #[test]
+    fn pruned_delivery_ids_are_forgotten() {
+        let store = SqliteStore::in_memory().unwrap();
+        assert_eq!(
+            store.record_delivery("d1", "ping", None).unwrap(),
+            DeliveryOutcome::Recorded(None)
+        );
+        assert_eq!(
+            store.record_delivery("d1", "ping", None).unwrap(),
+            DeliveryOutcome::Duplicate
+        );
+        assert_eq!(store.prune_deliveries(now_ms() - 60_000).unwrap(), 0);
+        assert_eq!(store.prune_deliveries(now_ms() + 1).unwrap(), 1);
+        assert_eq!(
+            store.record_delivery("d1", "ping", None).unwrap(),
+            DeliveryOutcome::Recorded(None)
+        );
+    }
+}

@@ -1,0 +1,546 @@
+//! Host API, placement, the GitHub App client and reconciliation, end to end: the real binary,
+//! a GitHub stand-in server (JWT and request bodies checked against GitHub's OpenAPI), and
+//! hosts played by the test over HTTP.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::github::{app_key, forged_jwt_rejected, RemoteJob, StandIn};
+use common::{
+    metric, workflow_job, Scheduler, APP_ID, ENROLL_SECRET, INSTALLATION_ID, WEBHOOK_SECRET,
+};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Setup {
+    s: Scheduler,
+    gh: StandIn,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(extra: &[&str]) -> Setup {
+    let gh = StandIn::start(APP_ID, INSTALLATION_ID).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("app.pem");
+    std::fs::write(&key, &app_key().0).unwrap();
+    let app_id = APP_ID.to_string();
+    let key_path = key.display().to_string();
+    let mut args = vec![
+        "--github-api-url",
+        gh.url.as_str(),
+        "--app-id",
+        &app_id,
+        "--app-private-key",
+        &key_path,
+    ];
+    args.extend_from_slice(extra);
+    let s = Scheduler::start(dir.path(), &args);
+    Setup { s, gh, _dir: dir }
+}
+
+struct HostClient {
+    url: String,
+    token: String,
+    id: String,
+    http: reqwest::Client,
+}
+
+impl HostClient {
+    async fn enroll(s: &Scheduler, name: &str, vcpus: u32, memory_mb: u64) -> HostClient {
+        let http = reqwest::Client::new();
+        let resp = http
+            .post(format!("{}/api/v1/hosts/enroll", s.url))
+            .bearer_auth(ENROLL_SECRET)
+            .json(&json!({ "name": name, "vcpus": vcpus, "memory_mb": memory_mb, "labels": [], "address": "10.1.2.3:7000" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        let v: Value = resp.json().await.unwrap();
+        assert!(v["heartbeat_interval_s"].as_u64().unwrap() >= 1);
+        HostClient {
+            url: s.url.clone(),
+            token: v["token"].as_str().unwrap().to_string(),
+            id: v["host"]["id"].as_str().unwrap().to_string(),
+            http,
+        }
+    }
+
+    async fn heartbeat(&self) -> reqwest::StatusCode {
+        self.http
+            .post(format!("{}/api/v1/host/heartbeat", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
+    /// Long-polls; `None` on 204.
+    async fn assignment(&self, wait_s: u64) -> Option<Value> {
+        let resp = self
+            .http
+            .get(format!("{}/api/v1/host/assignment?wait={wait_s}", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        match resp.status().as_u16() {
+            204 => None,
+            200 => Some(resp.json().await.unwrap()),
+            other => panic!("assignment: {other}"),
+        }
+    }
+
+    async fn report(&self, job: u64, vm_state: &str) -> reqwest::Response {
+        self.http
+            .post(format!("{}/api/v1/host/jobs/{job}/status", self.url))
+            .bearer_auth(&self.token)
+            .json(&json!({ "vm_state": vm_state }))
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+fn body(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap()
+}
+
+async fn wait_state(s: &Scheduler, id: u64, state: &str) -> Value {
+    s.wait_for(&format!("job {id} {state}"), WAIT, || async {
+        s.job(id).await.filter(|j| j["state"] == state)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn job_flows_from_webhook_to_host_with_jit_config_and_back() {
+    let Setup { s, gh, _dir } = setup(&["--reconcile-interval", "1s"]).await;
+    forged_jwt_rejected(&gh.state);
+    let http = reqwest::Client::new();
+
+    // Enrollment needs the shared secret and a well-formed body.
+    let bad = http
+        .post(format!("{}/api/v1/hosts/enroll", s.url))
+        .bearer_auth("wrong")
+        .json(&json!({"name": "x", "vcpus": 8, "memory_mb": 16384, "address": "a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+    let bad = http
+        .post(format!("{}/api/v1/hosts/enroll", s.url))
+        .bearer_auth(ENROLL_SECRET)
+        .json(&json!({"name": "x", "vcpus": 0, "memory_mb": 16384, "address": "a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let bad = http
+        .post(format!("{}/api/v1/hosts/enroll", s.url))
+        .bearer_auth(ENROLL_SECRET)
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(s.get_json("/api/v1/hosts").await, json!([]));
+
+    let host = HostClient::enroll(&s, "spot-1", 8, 16384).await;
+    let other = HostClient::enroll(&s, "spot-2", 1, 1024).await;
+    assert_eq!(host.heartbeat().await, 200);
+    let nobody = http
+        .post(format!("{}/api/v1/host/heartbeat", s.url))
+        .bearer_auth("hht_unknown")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nobody.status(), 401);
+    assert_eq!(host.assignment(1).await, None);
+
+    // A host waiting in long-poll gets the job as soon as it is placed.
+    let poll = tokio::spawn({
+        let h = HostClient {
+            url: host.url.clone(),
+            token: host.token.clone(),
+            id: host.id.clone(),
+            http: reqwest::Client::new(),
+        };
+        async move { h.assignment(30).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let labels = ["self-hosted", "hopper-2cpu-4gb", "hopper-ubuntu-24.04"];
+    let queued = workflow_job("queued", 501, &labels);
+    assert_eq!(
+        s.deliver("workflow_job", "q-501", &body(&queued))
+            .await
+            .status(),
+        200
+    );
+    let a = poll.await.unwrap().expect("assignment");
+    assert_eq!(a["job"]["id"], 501);
+    assert_eq!(a["job"]["repository"], queued["repository"]["full_name"]);
+    assert_eq!(a["shape"], json!({"vcpus": 2, "memory_gb": 4}));
+    assert_eq!(a["image"], "ubuntu-24.04");
+    let jit = gh.state.jit_configs.lock().unwrap()[0].clone();
+    assert_eq!(a["jit_config"], jit.as_str());
+    // Until acknowledged, the same assignment comes again (the host may have missed it).
+    assert_eq!(host.assignment(1).await.unwrap()["job"]["id"], 501);
+
+    // What GitHub saw: one token request, one JIT request with the job's labels.
+    let tokens = gh.requests_to("/app/installations/{installation_id}/access_tokens");
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(
+        tokens[0].path,
+        format!("/app/installations/{INSTALLATION_ID}/access_tokens")
+    );
+    let jits = gh.requests_to("/repos/{owner}/{repo}/actions/runners/generate-jitconfig");
+    assert_eq!(jits.len(), 1);
+    assert_eq!(
+        jits[0].path,
+        format!(
+            "/repos/{}/actions/runners/generate-jitconfig",
+            queued["repository"]["full_name"].as_str().unwrap()
+        )
+    );
+    assert_eq!(jits[0].body["labels"], json!(labels));
+    assert_eq!(jits[0].body["name"], a["runner_name"]);
+    assert_eq!(jits[0].body["runner_group_id"], 1);
+
+    let job = s.job(501).await.unwrap();
+    assert_eq!(job["state"], "assigned");
+    assert_eq!(job["host_id"], host.id.as_str());
+    let runner_id = job["runner_id"].as_u64().unwrap();
+
+    // VM reports: forward only, only by the job's host.
+    assert_eq!(other.report(501, "running").await.status(), 404);
+    assert_eq!(host.report(501, "starting").await.status(), 200);
+    assert_eq!(
+        host.assignment(1).await,
+        None,
+        "acknowledged assignment is not handed out again"
+    );
+    assert_eq!(host.report(501, "running").await.status(), 200);
+    assert_eq!(s.job(501).await.unwrap()["state"], "running");
+    assert_eq!(host.report(501, "starting").await.status(), 409);
+    assert_eq!(host.report(999, "running").await.status(), 404);
+    let bad = http
+        .post(format!("{}/api/v1/host/jobs/501/status", s.url))
+        .bearer_auth(&host.token)
+        .json(&json!({"vm_state": "exploded"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let hosts = s.get_json("/api/v1/hosts").await;
+    let h = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["id"] == host.id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (h["used_vcpus"].as_u64(), h["used_memory_mb"].as_u64()),
+        (Some(2), Some(4096))
+    );
+
+    // GitHub's in_progress and completed; the VM ends; the runner registration is removed.
+    s.deliver(
+        "workflow_job",
+        "p-501",
+        &body(&workflow_job("in_progress", 501, &labels)),
+    )
+    .await;
+    s.deliver(
+        "workflow_job",
+        "c-501",
+        &body(&workflow_job("completed", 501, &labels)),
+    )
+    .await;
+    assert_eq!(host.report(501, "finished").await.status(), 200);
+    let done = s.job(501).await.unwrap();
+    assert_eq!(done["state"], "completed");
+    assert_eq!(done["vm_state"], "finished");
+    s.wait_for("runner removal", WAIT, || async {
+        gh.state
+            .deleted_runners
+            .lock()
+            .unwrap()
+            .contains(&runner_id)
+            .then_some(())
+    })
+    .await;
+
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(&m, "hopper_job_queued_to_assigned_seconds_count"),
+        1.0
+    );
+    assert_eq!(metric(&m, "hopper_jobs{state=\"completed\"}"), 1.0);
+
+    // No secret in any API answer or log line.
+    let api = format!(
+        "{}{}",
+        s.get_json("/api/v1/jobs").await,
+        s.get_json("/api/v1/hosts").await
+    );
+    let logs = s.all_logs();
+    let mut secrets = vec![
+        jit,
+        host.token.clone(),
+        other.token.clone(),
+        WEBHOOK_SECRET.to_string(),
+        ENROLL_SECRET.to_string(),
+    ];
+    secrets.extend(gh.state.tokens.lock().unwrap().iter().cloned());
+    let key_line = app_key().0.lines().nth(1).unwrap().to_string();
+    secrets.push(key_line);
+    for secret in &secrets {
+        assert!(!api.contains(secret.as_str()), "secret in API output");
+        assert!(!logs.contains(secret.as_str()), "secret in logs");
+    }
+    assert!(logs.contains("job assigned"), "logs are being captured");
+    gh.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn placement_bin_packs_waits_in_order_and_backs_off_on_5xx() {
+    let Setup { s, gh, _dir } = setup(&[]).await;
+    // GitHub's first JIT answer is a 503 with Retry-After: the scheduler waits and retries.
+    gh.state.fail_jit.store(1, Ordering::SeqCst);
+    let host = HostClient::enroll(&s, "small", 4, 8192).await;
+    for (id, shape) in [
+        (601u64, "hopper-4cpu-8gb"),
+        (602, "hopper-4cpu-8gb"),
+        (603, "hopper-2cpu-4gb"),
+    ] {
+        let b = body(&workflow_job("queued", id, &[shape]));
+        assert_eq!(
+            s.deliver("workflow_job", &format!("q-{id}"), &b)
+                .await
+                .status(),
+            200
+        );
+    }
+    let a = host
+        .assignment(30)
+        .await
+        .expect("first job placed after the retry");
+    assert_eq!(a["job"]["id"], 601);
+    assert_eq!(gh.state.fail_jit.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        gh.requests_to("/repos/{owner}/{repo}/actions/runners/generate-jitconfig")
+            .len(),
+        2
+    );
+    // The host is full: the others wait, in order.
+    host.report(601, "starting").await;
+    assert_eq!(host.assignment(2).await, None);
+    assert_eq!(s.job(602).await.unwrap()["state"], "queued");
+    assert_eq!(s.job(603).await.unwrap()["state"], "queued");
+    let queued: Vec<u64> = s
+        .get_json("/api/v1/jobs?state=queued")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(queued, vec![602, 603]);
+
+    // The VM ends: the next in line gets the room.
+    host.report(601, "finished").await;
+    let b = host.assignment(30).await.expect("second job placed");
+    assert_eq!(b["job"]["id"], 602);
+    host.report(602, "starting").await;
+    assert_eq!(s.job(603).await.unwrap()["state"], "queued");
+    let bad = reqwest::get(format!("{}/api/v1/jobs?state=bogus", s.url))
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    gh.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_host_is_marked_lost_and_its_jobs_reported() {
+    let Setup { s, gh, _dir } = setup(&["--host-lost-after", "5s"]).await;
+    let host = HostClient::enroll(&s, "doomed", 8, 16384).await;
+    s.deliver(
+        "workflow_job",
+        "q-701",
+        &body(&workflow_job("queued", 701, &["hopper"])),
+    )
+    .await;
+    let a = host.assignment(30).await.expect("assignment");
+    assert_eq!(a["job"]["id"], 701);
+    host.report(701, "running").await;
+    // The host now goes silent.
+    let job = wait_state(&s, 701, "lost").await;
+    assert!(job["reason"]
+        .as_str()
+        .unwrap()
+        .contains("stopped heartbeating"));
+    let hosts = s.get_json("/api/v1/hosts").await;
+    assert_eq!(hosts[0]["state"], "lost");
+    let log = s.log_text();
+    assert!(
+        log.contains("marked lost") && log.contains("701"),
+        "lost host and its jobs are logged"
+    );
+    assert_eq!(metric(&s.metrics().await, "hopper_hosts_lost_total"), 1.0);
+    // GitHub's word still ends the job; a returning host is active again.
+    s.deliver(
+        "workflow_job",
+        "c-701",
+        &body(&workflow_job("completed", 701, &["hopper"])),
+    )
+    .await;
+    assert_eq!(s.job(701).await.unwrap()["state"], "completed");
+    assert_eq!(host.heartbeat().await, 200);
+    assert_eq!(s.get_json("/api/v1/hosts").await[0]["state"], "active");
+    gh.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconciliation_picks_up_what_webhooks_missed() {
+    let Setup { s, gh, _dir } = setup(&["--reconcile-interval", "1s", "--org-runners"]).await;
+    let repo = "octo-org/app".to_string();
+    gh.state.repositories.lock().unwrap().push(repo.clone());
+    {
+        let mut jobs = gh.state.jobs.lock().unwrap();
+        jobs.push(RemoteJob {
+            id: 777,
+            run_id: 70,
+            repository: repo.clone(),
+            status: "queued".into(),
+            labels: vec!["hopper-2cpu-4gb".into()],
+        });
+        jobs.push(RemoteJob {
+            id: 778,
+            run_id: 70,
+            repository: repo.clone(),
+            status: "queued".into(),
+            labels: vec!["ubuntu-latest".into()],
+        });
+        jobs.push(RemoteJob {
+            id: 779,
+            run_id: 71,
+            repository: repo.clone(),
+            status: "completed".into(),
+            labels: vec!["hopper".into()],
+        });
+        // A run with more queued jobs than one page holds.
+        for id in 10_000..10_150 {
+            jobs.push(RemoteJob {
+                id,
+                run_id: 72,
+                repository: repo.clone(),
+                status: "queued".into(),
+                labels: vec!["hopper-16cpu-64gb".into()],
+            });
+        }
+    }
+    // 779's queued webhook arrived but its completed one was lost.
+    let mut q = workflow_job("queued", 779, &["hopper"]);
+    q["repository"]["full_name"] = repo.clone().into();
+    s.deliver("workflow_job", "q-779", &body(&q)).await;
+
+    let found = wait_state(&s, 777, "queued").await;
+    assert_eq!(found["repository"], repo.as_str());
+    assert_eq!(found["installation_id"], INSTALLATION_ID);
+    wait_state(&s, 779, "completed").await;
+    assert!(s.job(778).await.is_none(), "other labels are not Hopper's");
+    s.wait_for("all pages of run 72", WAIT, || async {
+        let n = s
+            .jobs()
+            .await
+            .iter()
+            .filter(|j| j["id"].as_u64().unwrap() >= 10_000)
+            .count();
+        (n == 150).then_some(())
+    })
+    .await;
+
+    // Org-level JIT runners when configured.
+    let host = HostClient::enroll(&s, "org-host", 4, 8192).await;
+    let a = host.assignment(30).await.expect("reconciled job placed");
+    assert_eq!(a["job"]["id"], 777);
+    let org = gh.requests_to("/orgs/{org}/actions/runners/generate-jitconfig");
+    assert_eq!(org.len(), 1);
+    assert_eq!(
+        org[0].path,
+        "/orgs/octo-org/actions/runners/generate-jitconfig"
+    );
+    assert!(!gh.requests_to("/app/installations").is_empty());
+    gh.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openapi_document_matches_the_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Scheduler::start(dir.path(), &[]);
+    let doc = s.get_json("/api/v1/openapi.json").await;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    let mut documented: Vec<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
+    documented.sort();
+    let mut served = vec![
+        "/webhook",
+        "/healthz",
+        "/metrics",
+        "/api/v1/openapi.json",
+        "/api/v1/jobs",
+        "/api/v1/jobs/{id}",
+        "/api/v1/hosts",
+        "/api/v1/hosts/enroll",
+        "/api/v1/host/heartbeat",
+        "/api/v1/host/assignment",
+        "/api/v1/host/jobs/{id}/status",
+    ];
+    served.sort();
+    assert_eq!(documented, served);
+    // Every documented operation is routed (axum's own 404/405 have no JSON body).
+    let http = reqwest::Client::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            let url = format!("{}{}?wait=0", s.url, path.replace("{id}", "1"));
+            let m = reqwest::Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
+            let resp = http.request(m, &url).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap();
+            assert!(
+                status != 405 && !(status == 404 && text.is_empty()),
+                "{method} {path} not routed ({status})"
+            );
+        }
+        for r in collect_refs(item) {
+            let name = r.trim_start_matches("#/components/schemas/");
+            assert!(
+                doc["components"]["schemas"].get(name).is_some(),
+                "dangling $ref {r}"
+            );
+        }
+    }
+    assert_eq!(s.get_json("/healthz").await["status"], "ok");
+}
+
+fn collect_refs(v: &Value) -> Vec<String> {
+    match v {
+        Value::Object(m) => m
+            .iter()
+            .flat_map(|(k, v)| {
+                if k == "$ref" {
+                    vec![v.as_str().unwrap().to_string()]
+                } else {
+                    collect_refs(v)
+                }
+            })
+            .collect(),
+        Value::Array(a) => a.iter().flat_map(collect_refs).collect(),
+        _ => vec![],
+    }
+}

@@ -1,0 +1,52 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("{0} is missing: run tests/setup.sh")]
+    MissingCache(PathBuf),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed ({status}):\n{output}")]
+    Command {
+        command: String,
+        status: String,
+        output: String,
+    },
+    #[error("test host {host}: {what}\n--- console (last lines) ---\n{console}")]
+    Host {
+        host: String,
+        what: String,
+        console: String,
+    },
+    #[error("test host {host}: no agent after {after:?}: {last}\n--- console (last lines) ---\n{console}")]
+    BootTimeout {
+        host: String,
+        after: Duration,
+        last: String,
+        console: String,
+    },
+    #[error("guest {guest}: {what}\n--- guest console (last lines) ---\n{console}")]
+    Guest {
+        guest: String,
+        what: String,
+        console: String,
+    },
+}
+
+impl HarnessError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| HarnessError::Io { what, source }
+    }
+}
+
+/// The last `n` lines of a log, for error messages.
+pub(crate) fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

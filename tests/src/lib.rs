@@ -1,0 +1,19 @@
+//! Test-host harness: boots nested "test hosts" (L1: QEMU software emulation with an AMD CPU
+//! model, KVM inside) in which Hopper's VMM and QEMU boot real guests (L2). See
+//! tests/README.md and /work/shared/notes/nested-kvm.md for why guests are not tested on
+//! the machine's own /dev/kvm.
+
+mod binaries;
+mod error;
+mod l1image;
+pub mod microvm;
+mod paths;
+pub mod scheduler;
+mod testhost;
+
+pub use error::HarnessError;
+pub use hopper_agent::{Exec, ExecOutput, ExitStatus};
+pub use microvm::{boot_guest, GuestVmm, MicrovmGuest, MicrovmOptions};
+pub use paths::GuestArtifacts;
+pub use scheduler::SchedulerProcess;
+pub use testhost::{TestHost, TestHostOptions};
