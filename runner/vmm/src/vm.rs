@@ -1,10 +1,11 @@
 //! The KVM VM object: in-kernel interrupt controllers and PIT, guest memory slots, and
 //! interrupt lines (irqfds) for devices.
 
+use crate::cpuid;
 use crate::layout::IOAPIC_PINS;
 use crate::memory::{self, GuestMemory, MemoryError};
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_CLOCK_REALTIME,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, CpuId, KVM_CLOCK_REALTIME,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
@@ -95,6 +96,17 @@ impl Vm {
             fd: Arc::new(fd),
             memory,
         })
+    }
+
+    /// The CPUID every vCPU starts from: what KVM supports, plus what it emulates on request.
+    pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
+        let mut cpuid = self
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let tsc_deadline = self.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+        cpuid::add_emulated(&mut cpuid, tsc_deadline);
+        Ok(cpuid)
     }
 
     /// Reads the VM-wide state; the vCPUs must be paused.

@@ -160,15 +160,7 @@ impl Vmm {
             None => None,
         };
 
-        let supported = vm
-            .kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| {
-                Error::Vm(VmError::Kvm {
-                    call: "KVM_GET_SUPPORTED_CPUID",
-                    source: e,
-                })
-            })?;
+        let supported = vm.supported_cpuid()?;
         let mut vcpus = Vec::new();
         for id in 0..cfg.cpus {
             let vcpu = Vcpu::new(&vm.fd, id)?;

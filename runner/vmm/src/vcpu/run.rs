@@ -76,11 +76,9 @@ impl Vcpu {
             }
             Ok(VcpuExit::Shutdown) => {
                 // A triple fault: a reset to the guest, but worth a line for whoever reads why
-                // a VM ended without a word on its console.
-                log::warn!(
-                    "vCPU {id}: triple fault at rip {:#x}; the VM resets",
-                    self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
-                );
+                // a VM ended without a word on its console. No registers: on AMD, KVM has
+                // already reset the vCPU when it reports the shutdown.
+                log::warn!("vCPU {id}: triple fault; the VM resets");
                 return Step::Stop(ExitReason::Reset);
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
