@@ -24,7 +24,7 @@ pub struct ServeArgs {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "HOPPER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Directory of the embedded SQLite store; created if missing.
+    /// Directory of the embedded SQLite store and of the jobs' logs; created if missing.
     #[arg(long, env = "HOPPER_DATA_DIR", default_value = "/var/lib/hopper")]
     pub data_dir: PathBuf,
     /// Database URL overriding --data-dir (sqlite://PATH).

@@ -4,10 +4,12 @@
 pub mod api;
 pub mod config;
 pub mod github;
+pub mod joblogs;
 pub mod jobs;
 pub mod labels;
 pub mod metrics;
 pub mod placement;
+pub mod redact;
 pub mod secret;
 pub mod server;
 pub mod store;

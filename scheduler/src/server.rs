@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 
 use crate::config::ServeArgs;
 use crate::github::{GitHub, Removal, RunnerScope};
+use crate::joblogs::JobLogs;
 use crate::jobs::JobState;
 use crate::metrics::Metrics;
 use crate::placement;
@@ -30,6 +31,7 @@ const PLACEMENT_TICK: Duration = Duration::from_secs(1);
 
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    pub logs: Arc<JobLogs>,
     pub metrics: Metrics,
     pub webhook_secret: Secret,
     pub enroll_secret: Option<Secret>,
@@ -52,6 +54,17 @@ impl AppState {
         tokio::task::spawn_blocking(move || f(store.as_ref()))
             .await
             .expect("store calls do not panic")
+    }
+
+    /// Runs blocking work on the job logs (file I/O, redaction) off the async workers.
+    pub async fn logs<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&JobLogs) -> T + Send + 'static,
+    ) -> T {
+        let logs = self.logs.clone();
+        tokio::task::spawn_blocking(move || f(&logs))
+            .await
+            .expect("job log calls do not panic")
     }
 }
 
@@ -104,6 +117,8 @@ impl Scheduler {
             .with_context(|| format!("binding {}", args.listen))?;
         let state = Arc::new(AppState {
             store,
+            // In --data-dir even when --database puts the store elsewhere: logs are files.
+            logs: Arc::new(JobLogs::new(args.data_dir.join("logs"))),
             metrics: Metrics::default(),
             webhook_secret,
             enroll_secret,

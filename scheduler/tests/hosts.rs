@@ -95,6 +95,16 @@ impl HostClient {
         }
     }
 
+    async fn upload_log(&self, job: u64, name: &str, log: Vec<u8>) -> reqwest::Response {
+        self.http
+            .put(format!("{}/api/v1/host/jobs/{job}/logs/{name}", self.url))
+            .bearer_auth(&self.token)
+            .body(log)
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn report(&self, job: u64, vm_state: &str) -> reqwest::Response {
         self.http
             .post(format!("{}/api/v1/host/jobs/{job}/status", self.url))
@@ -500,6 +510,9 @@ async fn openapi_document_matches_the_routes() {
         "/api/v1/host/heartbeat",
         "/api/v1/host/assignment",
         "/api/v1/host/jobs/{id}/status",
+        "/api/v1/jobs/{id}/logs",
+        "/api/v1/jobs/{id}/logs/{name}",
+        "/api/v1/host/jobs/{id}/logs/{name}",
     ];
     served.sort();
     assert_eq!(documented, served);
@@ -507,7 +520,8 @@ async fn openapi_document_matches_the_routes() {
     let http = reqwest::Client::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for method in item.as_object().unwrap().keys() {
-            let url = format!("{}{}?wait=0", s.url, path.replace("{id}", "1"));
+            let path = path.replace("{id}", "1").replace("{name}", "console");
+            let url = format!("{}{path}?wait=0", s.url);
             let m = reqwest::Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
             let resp = http.request(m, &url).send().await.unwrap();
             let status = resp.status().as_u16();
@@ -526,6 +540,133 @@ async fn openapi_document_matches_the_routes() {
         }
     }
     assert_eq!(s.get_json("/healthz").await["status"], "ok");
+}
+
+/// Status, content type and body of a GET.
+async fn get_raw(s: &Scheduler, path: &str) -> (u16, String, Vec<u8>) {
+    let resp = s
+        .client()
+        .get(format!("{}{path}", s.url))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, ctype, resp.bytes().await.unwrap().to_vec())
+}
+
+/// What the scheduler writes over a JIT config in a log: same length, no part of it.
+fn redacted(len: usize) -> Vec<u8> {
+    let mut marker = b"[redacted JIT config]".to_vec();
+    marker.resize(len, b'*');
+    marker
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn job_logs_are_uploaded_by_their_host_redacted_served_and_kept() {
+    const MAX: usize = 8 << 20;
+    let Setup { s, gh, _dir } = setup(&[]).await;
+    let host = HostClient::enroll(&s, "logs", 4, 8192).await;
+    // Too small for the job: it cannot be placed there.
+    let other = HostClient::enroll(&s, "elsewhere", 1, 1024).await;
+    let queued = workflow_job("queued", 801, &["hopper"]);
+    s.deliver("workflow_job", "q-801", &body(&queued)).await;
+    let a = host.assignment(30).await.expect("assignment");
+    assert_eq!(a["job"]["id"], 801);
+    let jit = a["jit_config"].as_str().unwrap().to_string();
+    // The store drops the JIT config with this report; redaction must not need it.
+    assert_eq!(host.report(801, "running").await.status(), 200);
+
+    let console = format!("boot\nrunner started with {jit}\nlogin: {jit}ok\n");
+    let resp = host
+        .upload_log(801, "console", console.clone().into())
+        .await;
+    assert_eq!(resp.status(), 200);
+    let stored: Value = resp.json().await.unwrap();
+    assert_eq!(stored["name"], "console");
+    assert_eq!(stored["size"], console.len());
+    let job_log = b"step 1\nstep 2: \xff binary is kept\n".to_vec();
+    assert_eq!(
+        host.upload_log(801, "job", job_log.clone()).await.status(),
+        200
+    );
+
+    // Operators list the logs and read them; the JIT config does not come back.
+    let listed = s.get_json("/api/v1/jobs/801/logs").await;
+    let names: Vec<_> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("console"), json!("job")]);
+    assert_eq!(listed[1]["size"], job_log.len());
+    assert!(listed[0]["updated_at"].as_i64().unwrap() > 0);
+    let (status, ctype, text) = get_raw(&s, "/api/v1/jobs/801/logs/console").await;
+    assert_eq!((status, ctype.as_str()), (200, "text/plain; charset=utf-8"));
+    let marker = String::from_utf8(redacted(jit.len())).unwrap();
+    assert_eq!(
+        String::from_utf8(text).unwrap(),
+        console.replace(&jit, &marker)
+    );
+    assert_eq!(get_raw(&s, "/api/v1/jobs/801/logs/job").await.2, job_log);
+
+    // Refused uploads store nothing: another host's token, an unknown log, an unknown job, no
+    // token.
+    let refused = other.upload_log(801, "vmm", b"not mine".to_vec()).await;
+    assert_eq!(refused.status(), 404);
+    assert_eq!(
+        host.upload_log(801, "secrets", b"x".to_vec())
+            .await
+            .status(),
+        400
+    );
+    assert_eq!(
+        host.upload_log(999, "vmm", b"x".to_vec()).await.status(),
+        404
+    );
+    let anonymous = reqwest::Client::new()
+        .put(format!("{}/api/v1/host/jobs/801/logs/vmm", s.url))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    assert_eq!(s.get_json("/api/v1/jobs/801/logs").await, listed);
+    assert_eq!(get_raw(&s, "/api/v1/jobs/801/logs/vmm").await.0, 404);
+    assert_eq!(get_raw(&s, "/api/v1/jobs/801/logs/secrets").await.0, 400);
+    assert_eq!(get_raw(&s, "/api/v1/jobs/999/logs").await.0, 404);
+    assert_eq!(get_raw(&s, "/api/v1/jobs/999/logs/job").await.0, 404);
+    assert_eq!(get_raw(&s, "/api/v1/jobs/x/logs").await.0, 400);
+    assert!(!s.dir.join("data/logs/999").exists());
+
+    // Over 8 MiB: the end is kept. The JIT config straddles the cut (10 of its bytes are in
+    // the kept end) and is still redacted whole, so no fragment of it survives.
+    let mut big = vec![b'a'; 4096];
+    big.extend_from_slice(jit.as_bytes());
+    big.resize(big.len() + MAX - 10, b'b');
+    let resp = host.upload_log(801, "vmm", big).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["size"], MAX);
+    let vmm = get_raw(&s, "/api/v1/jobs/801/logs/vmm").await.2;
+    assert_eq!(vmm.len(), MAX);
+    assert_eq!(vmm[..10], redacted(jit.len())[jit.len() - 10..]);
+    assert!(vmm[10..].iter().all(|&b| b == b'b'));
+
+    // A restarted scheduler serves the same logs.
+    let listed = s.get_json("/api/v1/jobs/801/logs").await;
+    let s = s.restart();
+    assert_eq!(s.get_json("/api/v1/jobs/801/logs").await, listed);
+    assert_eq!(get_raw(&s, "/api/v1/jobs/801/logs/job").await.2, job_log);
+    assert_eq!(get_raw(&s, "/api/v1/jobs/801/logs/vmm").await.2, vmm);
+    let logs = s.all_logs();
+    assert!(logs.contains("redacted"), "redaction is logged");
+    assert!(!logs.contains(&jit), "JIT config in the scheduler's log");
+    gh.assert_no_violations();
 }
 
 fn collect_refs(v: &Value) -> Vec<String> {

@@ -153,6 +153,19 @@ impl SchedulerProcess {
 
     /// GETs an operator API path (e.g. `/api/v1/jobs`) as JSON.
     pub fn get_json(&self, path: &str) -> Result<Value, HarnessError> {
+        self.get(path)?
+            .json()
+            .map_err(|e| self.error(format!("GET {path}: {e}")))
+    }
+
+    /// GETs an operator API path that answers plain text (e.g. a job's log).
+    pub fn get_text(&self, path: &str) -> Result<String, HarnessError> {
+        self.get(path)?
+            .text()
+            .map_err(|e| self.error(format!("GET {path}: {e}")))
+    }
+
+    fn get(&self, path: &str) -> Result<reqwest::blocking::Response, HarnessError> {
         let resp = self
             .http
             .get(format!("{}{path}", self.url))
@@ -161,8 +174,7 @@ impl SchedulerProcess {
         if !resp.status().is_success() {
             return Err(self.error(format!("GET {path}: {}", resp.status())));
         }
-        resp.json()
-            .map_err(|e| self.error(format!("GET {path}: {e}")))
+        Ok(resp)
     }
 
     /// Polls `f` every 100 ms until it returns `Some`, or fails after `timeout` with the

@@ -168,12 +168,16 @@ impl Setup {
         Ok(())
     }
 
+    /// The daemon's log; when the test host cannot be asked (its kernel died, say), the end
+    /// of the host's own console instead, which the harness keeps outside it.
     fn runner_log(&self) -> String {
-        let log = self
-            .host
-            .read_file("/tmp/runner-host.log")
-            .unwrap_or_default();
-        format!("--- runner host log ---\n{}", String::from_utf8_lossy(&log))
+        match self.host.read_file("/tmp/runner-host.log") {
+            Ok(log) => format!("--- runner host log ---\n{}", String::from_utf8_lossy(&log)),
+            Err(e) => format!(
+                "--- runner host log unreadable: {e}\n--- test host console ---\n{}",
+                self.host.console_tail()
+            ),
+        }
     }
 
     /// Queues job `id` the way GitHub does: the stand-in's Actions API lists it, and a signed
@@ -237,9 +241,19 @@ impl Setup {
             .with_context(|| self.runner_log())
     }
 
+    /// The job's output as the scheduler serves it to operators, after checking that it is
+    /// what the host recorded (the scheduler only blanks out the JIT config, which the job
+    /// does not print).
     fn job_log(&self, id: u64) -> anyhow::Result<String> {
-        let log = self.host.read_file(&format!("{DATA}/logs/{id}/job.log"))?;
-        Ok(String::from_utf8_lossy(&log).into_owned())
+        let served = self
+            .scheduler
+            .get_text(&format!("/api/v1/jobs/{id}/logs/job"))?;
+        let on_host = self.host.read_file(&format!("{DATA}/logs/{id}/job.log"))?;
+        ensure!(
+            served.as_bytes() == on_host,
+            "job {id}'s log served by the scheduler differs from the host's:\n{served}"
+        );
+        Ok(served)
     }
 
     /// The JIT config the stand-in generated for the runner named `runner_name`.

@@ -1,18 +1,21 @@
 //! Client of the scheduler's host API (scheduler/README.md, "Host API"): enrollment,
-//! heartbeat, long-polled assignments and VM status reports.
+//! heartbeat, long-polled assignments, VM status reports and job log uploads.
 
 use std::time::Duration;
 
-use reqwest::blocking::{Client, RequestBuilder, Response};
+use reqwest::blocking::{Body, Client, RequestBuilder, Response};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
+use super::jobdir::Log;
 use super::secret::Secret;
 
 /// How long the scheduler may hold an assignment request open (it caps `wait` at 60 s).
 pub const POLL_WAIT: Duration = Duration::from_secs(25);
-/// Limit for calls that are not long polls.
+/// Limit for calls that are not long polls or uploads.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Limit for a log upload: some MiB, perhaps over a slow link.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -227,6 +230,28 @@ impl SchedulerClient {
             }) => Ok(Reported::NotOurs),
             Err(e) => Err(e),
         }
+    }
+
+    /// Replaces one of the job's logs at the scheduler with `body`.
+    pub fn upload_log(
+        &self,
+        token: &Secret,
+        job: u64,
+        log: Log,
+        body: Body,
+    ) -> Result<(), ApiError> {
+        let req = self
+            .http
+            .put(format!(
+                "{}/api/v1/host/jobs/{job}/logs/{}",
+                self.base,
+                log.name()
+            ))
+            .timeout(UPLOAD_TIMEOUT)
+            .bearer_auth(token.expose())
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body);
+        self.send("log upload", req).map(drop)
     }
 }
 

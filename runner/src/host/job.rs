@@ -1,11 +1,12 @@
 //! The life of one assignment: private disk, VMM, guest agent, JIT config, job command,
-//! status reports, power-off and clean-up. Runs on its own thread; several run at once.
+//! status reports, log uploads, power-off and clean-up. Runs on its own thread; several run at
+//! once.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 use std::path::PathBuf;
 use std::process::ExitStatus as ProcessStatus;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,8 @@ use hopper_agent::{ClientError, Exec, ExitStatus};
 
 use super::api::{Assignment, Reported, SchedulerClient, VmState};
 use super::disk;
-use super::jobdir::{JobDir, JobRecord};
+use super::jobdir::{JobDir, JobRecord, Log};
+use super::logs::{self, Follower};
 use super::netslot::NetSlots;
 use super::secret::Secret;
 use super::vm::{Images, Vm, VmError};
@@ -76,6 +78,8 @@ pub fn supervise(ctx: &JobContext, a: Assignment) {
     let outcome = match dir.create(&record) {
         Ok(()) => {
             report(ctx, id, VmState::Starting, None);
+            // Stopped as the job ends, before the final upload.
+            let _logs = Follower::start(&ctx.client, &ctx.token, &dir, id, logs::FOLLOW_PERIOD);
             execute(ctx, &a, &dir)
         }
         Err(cause) => Err(JobError::Prepare {
@@ -100,7 +104,7 @@ pub fn supervise(ctx: &JobContext, a: Assignment) {
         VmState::Finished => tracing::info!(job = id, after = ?started.elapsed(), "{message}"),
         _ => tracing::warn!(job = id, after = ?started.elapsed(), "job failed: {message}"),
     }
-    report_final(ctx, id, state, &message);
+    report_final(ctx, &dir, id, state, &message);
 }
 
 fn execute(ctx: &JobContext, a: &Assignment, dir: &JobDir) -> Result<ExitStatus, JobError> {
@@ -182,13 +186,13 @@ fn append_output(dir: &JobDir, stdout: &[u8], stderr: &[u8]) {
     let result = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(dir.job_log())
+        .open(dir.log(Log::Job))
         .and_then(|mut f| {
             f.write_all(stdout)?;
             f.write_all(stderr)
         });
     if let Err(e) = result {
-        tracing::warn!(log = %dir.job_log().display(), "cannot write the job's output: {e}");
+        tracing::warn!(log = %dir.log(Log::Job).display(), "cannot write the job's output: {e}");
     }
 }
 
@@ -199,8 +203,11 @@ fn report(ctx: &JobContext, job: u64, state: VmState, message: Option<&str>) {
     }
 }
 
-/// The last report of a job, retried: without it the job would stay `running`.
-pub fn report_final(ctx: &JobContext, job: u64, state: VmState, message: &str) {
+/// The job's logs, then its last report, retried: without the report the job would stay
+/// `running`.
+pub fn report_final(ctx: &JobContext, dir: &JobDir, job: u64, state: VmState, message: &str) {
+    // First: an operator who sees the job end looks for its logs next.
+    logs::upload_all(&ctx.client, &ctx.token, dir, job);
     let deadline = Instant::now() + REPORT_RETRY_FOR;
     let mut wait = Duration::from_secs(1);
     loop {

@@ -11,6 +11,30 @@ use serde::{Deserialize, Serialize};
 pub const JOBS: &str = "jobs";
 pub const LOGS: &str = "logs";
 
+/// The logs a job leaves in `logs/<id>/`, each `<name>.log`; the scheduler's API uses the same
+/// names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Log {
+    /// The VM's serial console.
+    Console,
+    /// The VMM's own messages.
+    Vmm,
+    /// The job command's output and the host's notes on the job.
+    Job,
+}
+
+impl Log {
+    pub const ALL: [Log; 3] = [Log::Console, Log::Vmm, Log::Job];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Log::Console => "console",
+            Log::Vmm => "vmm",
+            Log::Job => "job",
+        }
+    }
+}
+
 /// What a restarted daemon needs to know about a job directory it finds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -47,14 +71,8 @@ impl JobDir {
     fn record_file(&self) -> PathBuf {
         self.work.join("job.json")
     }
-    pub fn console_log(&self) -> PathBuf {
-        self.logs.join("console.log")
-    }
-    pub fn vmm_log(&self) -> PathBuf {
-        self.logs.join("vmm.log")
-    }
-    pub fn job_log(&self) -> PathBuf {
-        self.logs.join("job.log")
+    pub fn log(&self, log: Log) -> PathBuf {
+        self.logs.join(format!("{}.log", log.name()))
     }
 
     /// Creates both directories and the record. A work directory that exists already means a
@@ -91,10 +109,10 @@ impl JobDir {
         let result = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.job_log())
+            .open(self.log(Log::Job))
             .and_then(|mut f| writeln!(f, "hopper-runner: {line}"));
         if let Err(e) = result {
-            tracing::warn!(log = %self.job_log().display(), "cannot write the job log: {e}");
+            tracing::warn!(log = %self.log(Log::Job).display(), "cannot write the job log: {e}");
         }
     }
 

@@ -7,6 +7,7 @@ mod disk;
 mod enroll;
 mod job;
 mod jobdir;
+mod logs;
 mod netslot;
 mod recover;
 mod secret;

@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex};
 use crate::network::Cidr;
 
 /// Every job's guest address comes from here; the host masquerades it.
-pub const GUEST_NET: Cidr = Cidr { addr: Ipv4Addr::new(172, 16, 0, 0), prefix: 16 };
+pub const GUEST_NET: Cidr = Cidr {
+    addr: Ipv4Addr::new(172, 16, 0, 0),
+    prefix: 16,
+};
 pub const TAP_PREFIX: &str = "hjob";
 /// /30 networks in a /16.
 const SLOTS: usize = 1 << 14;
@@ -24,7 +27,9 @@ pub struct NetSlot {
 
 impl NetSlots {
     pub fn new() -> Arc<Self> {
-        Arc::new(NetSlots { used: Mutex::new(vec![false; SLOTS]) })
+        Arc::new(NetSlots {
+            used: Mutex::new(vec![false; SLOTS]),
+        })
     }
 
     /// The lowest free slot, or `None` when all are taken.
@@ -32,7 +37,10 @@ impl NetSlots {
         let mut used = self.used.lock().unwrap();
         let index = used.iter().position(|u| !u)?;
         used[index] = true;
-        Some(NetSlot { index, slots: self.clone() })
+        Some(NetSlot {
+            index,
+            slots: self.clone(),
+        })
     }
 }
 
@@ -47,7 +55,10 @@ impl NetSlot {
 
     /// The host's end of the TAP: the guest's gateway.
     pub fn host(&self) -> Cidr {
-        Cidr { addr: self.addr(1), prefix: 30 }
+        Cidr {
+            addr: self.addr(1),
+            prefix: 30,
+        }
     }
 
     /// Kernel command-line parameters the guest image reads to configure eth0.
@@ -84,9 +95,15 @@ mod tests {
         let slots = NetSlots::new();
         let a = slots.acquire().unwrap();
         let b = slots.acquire().unwrap();
-        assert_eq!((a.tap(), b.tap()), ("hjob0".to_string(), "hjob1".to_string()));
+        assert_eq!(
+            (a.tap(), b.tap()),
+            ("hjob0".to_string(), "hjob1".to_string())
+        );
         assert_eq!(b.host().to_string(), "172.16.0.5/30");
-        assert_eq!(b.guest_kernel_args(None), "hopper.ip=172.16.0.6/30 hopper.gw=172.16.0.5");
+        assert_eq!(
+            b.guest_kernel_args(None),
+            "hopper.ip=172.16.0.6/30 hopper.gw=172.16.0.5"
+        );
         drop(a);
         assert_eq!(slots.acquire().unwrap().tap(), "hjob0");
     }

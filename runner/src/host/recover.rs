@@ -1,8 +1,8 @@
 //! Restart handling. A daemon that stopped while jobs ran leaves their directories behind, and
 //! possibly their VMMs (children of the old daemon, now orphans). This daemon does not adopt
 //! them: the job's agent request and its output were in the old process, so it could not tell
-//! how the job ends. It kills each VMM, reports the job `failed` (GitHub re-runs it on
-//! request) and removes the directory, keeping the logs.
+//! how the job ends. It kills each VMM, removes the work directory (the logs stay), uploads the
+//! logs and reports the job `failed` (GitHub re-runs it on request).
 
 use std::fs;
 use std::path::Path;
@@ -35,7 +35,7 @@ pub fn recover(ctx: &JobContext) -> std::io::Result<()> {
         tracing::warn!(job = job_id, runner = %record.runner_name, "{message}");
         dir.note(message);
         dir.remove_work()?;
-        report_final(ctx, job_id, VmState::Failed, message);
+        report_final(ctx, &dir, job_id, VmState::Failed, message);
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use hopper_agent::{AgentClient, ClientError};
 
-use super::jobdir::JobDir;
+use super::jobdir::{JobDir, Log};
 use super::netslot::NetSlot;
 
 /// The guest kernel's command line. `panic=-1`: a guest that panics reboots at once, which
@@ -56,8 +56,8 @@ impl Vm {
         dns: Option<Ipv4Addr>,
     ) -> Result<Vm, VmError> {
         let exe = std::env::current_exe().map_err(VmError::Spawn)?;
-        let console = File::create(dir.console_log()).map_err(VmError::Spawn)?;
-        let vmm_log = File::create(dir.vmm_log()).map_err(VmError::Spawn)?;
+        let console = File::create(dir.log(Log::Console)).map_err(VmError::Spawn)?;
+        let vmm_log = File::create(dir.log(Log::Vmm)).map_err(VmError::Spawn)?;
         let child = Command::new(exe)
             .args(["vm", "run", "--cmdline"])
             .arg(format!("{CMDLINE} {}", net.guest_kernel_args(dns)))

@@ -1,22 +1,25 @@
 //! Host API: runner hosts enroll with the shared enrollment secret and get a per-host token;
-//! with it they heartbeat, long-poll for assignments and report their VMs.
+//! with it they heartbeat, long-poll for assignments, report their VMs and upload their jobs'
+//! logs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{parse_json, ApiError};
+use super::{parse_job_id, parse_json, parse_log_name, ApiError};
+use crate::joblogs::{LogInfo, Upload};
 use crate::jobs::{Job, VmState};
 use crate::labels::{Shape, DEFAULT_SHAPE};
 use crate::server::AppState;
@@ -207,9 +210,7 @@ pub async fn report(
     Path(job_id): Path<String>,
     body: Bytes,
 ) -> Result<Json<Job>, ApiError> {
-    let job_id: u64 = job_id
-        .parse()
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "job id must be a number"))?;
+    let job_id = parse_job_id(&job_id)?;
     let report: Report = parse_json(&body)?;
     if report.message.as_ref().is_some_and(|m| m.len() > 4096) {
         return Err(ApiError::new(
@@ -235,13 +236,62 @@ pub async fn report(
             }
             Ok(Json(job))
         }
-        Err(ReportError::NotYours(_)) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("job {job_id} is not assigned to this host"),
-        )),
-        Err(e @ ReportError::VmBackwards { .. }) => {
-            Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))
-        }
-        Err(ReportError::Store(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
     }
+}
+
+impl From<ReportError> for ApiError {
+    fn from(e: ReportError) -> Self {
+        match e {
+            // Not 403: whether another host's job exists is none of this host's business.
+            ReportError::NotYours(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            ReportError::VmBackwards { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            ReportError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// `PUT /api/v1/host/jobs/{id}/logs/{name}`: replaces one log of one of this host's jobs. Only
+/// the last 8 MiB are kept, after the job's JIT config is redacted wherever it occurs.
+pub async fn upload_log(
+    State(state): State<Arc<AppState>>,
+    AuthHost(host): AuthHost,
+    Path((job_id, name)): Path<(String, String)>,
+    mut body: Body,
+) -> Result<Json<LogInfo>, ApiError> {
+    let job_id = parse_job_id(&job_id)?;
+    let name = parse_log_name(&name)?;
+    // Before the body is read: a refused upload stores nothing.
+    let host_id = host.id.clone();
+    let fingerprint = state
+        .store(move |s| s.jit_fingerprint(&host_id, job_id))
+        .await?;
+    if fingerprint.is_none() {
+        tracing::warn!(
+            job = job_id,
+            "job assigned before JIT fingerprints were kept: its logs cannot be redacted"
+        );
+    }
+    // Streamed (a `Body` has no size limit): whatever the size, only the end is held.
+    let mut upload = Upload::new(fingerprint);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))
+        })?;
+        if let Some(data) = frame.data_ref() {
+            upload.push(data);
+        }
+    }
+    let (info, redacted) = state
+        .logs(move |l| {
+            let (contents, redacted) = upload.finish();
+            l.put(job_id, name, &contents).map(|info| (info, redacted))
+        })
+        .await
+        .map_err(ApiError::internal)?;
+    if redacted > 0 {
+        tracing::warn!(job = job_id, host = %host.id, log = name.as_str(), redacted, "job log contained the job's JIT config; redacted");
+    }
+    tracing::debug!(job = job_id, host = %host.id, log = name.as_str(), size = info.size, "job log stored");
+    Ok(Json(info))
 }

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::joblogs::LogName;
 use crate::server::AppState;
 
 /// The OpenAPI 3.1 description of every route below (kept by hand; a test checks that each
@@ -31,11 +32,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/jobs", get(operator::jobs))
         .route("/api/v1/jobs/{id}", get(operator::job))
+        .route("/api/v1/jobs/{id}/logs", get(operator::job_logs))
+        .route("/api/v1/jobs/{id}/logs/{name}", get(operator::job_log))
         .route("/api/v1/hosts", get(operator::hosts))
         .route("/api/v1/hosts/enroll", post(hosts::enroll))
         .route("/api/v1/host/heartbeat", post(hosts::heartbeat))
         .route("/api/v1/host/assignment", get(hosts::assignment))
         .route("/api/v1/host/jobs/{id}/status", post(hosts::report))
+        .route("/api/v1/host/jobs/{id}/logs/{name}", put(hosts::upload_log))
         .with_state(state)
 }
 
@@ -72,6 +76,22 @@ impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         ApiError::internal(e)
     }
+}
+
+/// The `{id}` of a job path.
+pub fn parse_job_id(id: &str) -> Result<u64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "job id must be a number"))
+}
+
+/// The `{name}` of a job log path.
+pub fn parse_log_name(name: &str) -> Result<LogName, ApiError> {
+    LogName::parse(name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("unknown log {name:?}: expected console, vmm or job"),
+        )
+    })
 }
 
 /// Parses a JSON body with a clear 400 on failure (axum's extractor answers 422 with text).

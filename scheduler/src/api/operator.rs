@@ -1,4 +1,4 @@
-//! Operator API: read-only views of jobs and hosts, health and metrics.
+//! Operator API: read-only views of jobs, their logs and hosts, health and metrics.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,7 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::ApiError;
+use super::{parse_job_id, parse_log_name, ApiError};
+use crate::joblogs::LogInfo;
 use crate::jobs::{Job, JobState};
 use crate::server::AppState;
 use crate::store::Host;
@@ -51,14 +52,55 @@ pub async fn job(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Job>, ApiError> {
-    let id: u64 = id
-        .parse()
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "job id must be a number"))?;
+    let id = parse_job_id(&id)?;
     state
         .store(move |s| s.job(id))
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))
+}
+
+/// The logs the job's host has uploaded (none yet: an empty list).
+pub async fn job_logs(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<LogInfo>>, ApiError> {
+    let id = parse_job_id(&id)?;
+    if state.store(move |s| s.job(id)).await?.is_none() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")));
+    }
+    let logs = state
+        .logs(move |l| l.list(id))
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(logs))
+}
+
+pub async fn job_log(
+    State(state): State<Arc<AppState>>,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let id = parse_job_id(&id)?;
+    let name = parse_log_name(&name)?;
+    let Some(contents) = state
+        .logs(move |l| l.read(id, name))
+        .await
+        .map_err(ApiError::internal)?
+    else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("job {id} has no {} log", name.as_str()),
+        ));
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            // A log is whatever the job printed; a browser must not render it as HTML.
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        contents,
+    )
+        .into_response())
 }
 
 pub async fn hosts(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Host>>, ApiError> {

@@ -164,6 +164,7 @@ mod tests {
     async fn unannounced_oversized_body_is_413() {
         let state = Arc::new(AppState {
             store: Arc::new(SqliteStore::in_memory().unwrap()),
+            logs: Arc::new(crate::joblogs::JobLogs::new("/nonexistent".into())),
             metrics: Metrics::default(),
             webhook_secret: Secret::new("s"),
             enroll_secret: None,

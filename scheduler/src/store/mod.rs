@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::jobs::{Backwards, Job, JobState, VmState};
 use crate::labels::Shape;
+use crate::redact::JitFingerprint;
 use crate::secret::Secret;
 
 pub use sqlite::SqliteStore;
@@ -170,6 +171,14 @@ pub trait Store: Send + Sync + 'static {
         vm: VmState,
         message: Option<&str>,
     ) -> Result<Job, ReportError>;
+    /// For a log upload by a host: the fingerprint of the JIT config handed out with the job,
+    /// to redact it from the log. `NotYours` when the job is not assigned to `host_id`;
+    /// `Ok(None)` for a job assigned before fingerprints were kept.
+    fn jit_fingerprint(
+        &self,
+        host_id: &str,
+        job_id: u64,
+    ) -> Result<Option<JitFingerprint>, ReportError>;
     fn enroll_host(&self, host: &NewHost, token_hash: &[u8]) -> Result<Host, StoreError>;
     fn host_by_token(&self, token_hash: &[u8]) -> Result<Option<Host>, StoreError>;
     /// Records a heartbeat; a lost host that heartbeats again becomes active (its lost jobs

@@ -13,10 +13,12 @@ use super::{
 use crate::jobs::{transition, Job, JobState, Transition, VmState};
 use crate::labels::Shape;
 use crate::now_ms;
+use crate::redact::JitFingerprint;
 use crate::secret::Secret;
 
 /// Ordered schema migrations; entry N brings the schema from version N to N+1. Append only.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deliveries (
     id TEXT PRIMARY KEY,
     event TEXT NOT NULL,
@@ -59,7 +61,11 @@ CREATE TABLE hosts (
     enrolled_at INTEGER NOT NULL,
     last_heartbeat INTEGER NOT NULL
 );
-"#];
+"#,
+    // What log redaction needs of a job's JIT config (see redact.rs), kept after the config
+    // itself is dropped.
+    "ALTER TABLE jobs ADD COLUMN jit_fingerprint TEXT;",
+];
 
 const JOB_COLUMNS: &str = "id, run_id, run_attempt, repository, installation_id, labels, state, \
      conclusion, vcpus, memory_gb, image, reason, host_id, runner_id, runner_name, vm_state, \
@@ -316,12 +322,14 @@ impl Store for SqliteStore {
     }
 
     fn assign(&self, job_id: u64, host_id: &str, grant: &RunnerGrant) -> Result<bool, StoreError> {
+        let fingerprint = serde_json::to_string(&JitFingerprint::of(&grant.jit_config))
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.with_tx(|tx| {
             let now = now_ms();
             let n = tx.execute(
                 "UPDATE jobs SET state = 'assigned', host_id = ?2, runner_id = ?3, \
-                 runner_name = ?4, jit_config = ?5, assigned_at = ?6, updated_at = ?6 \
-                 WHERE id = ?1 AND state = 'queued' \
+                 runner_name = ?4, jit_config = ?5, jit_fingerprint = ?6, assigned_at = ?7, \
+                 updated_at = ?7 WHERE id = ?1 AND state = 'queued' \
                  AND EXISTS (SELECT 1 FROM hosts WHERE id = ?2 AND state = 'active')",
                 params![
                     job_id as i64,
@@ -329,6 +337,7 @@ impl Store for SqliteStore {
                     grant.runner_id as i64,
                     grant.runner_name,
                     grant.jit_config.expose(),
+                    fingerprint,
                     now
                 ],
             )?;
@@ -392,6 +401,28 @@ impl Store for SqliteStore {
             }
             get_job(tx, job_id)?.ok_or(ReportError::NotYours(job_id))
         })
+    }
+
+    fn jit_fingerprint(
+        &self,
+        host_id: &str,
+        job_id: u64,
+    ) -> Result<Option<JitFingerprint>, ReportError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let found: Option<Option<String>> = conn
+            .prepare_cached("SELECT jit_fingerprint FROM jobs WHERE id = ?1 AND host_id = ?2")
+            .and_then(|mut stmt| {
+                stmt.query_row(params![job_id as i64, host_id], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(StoreError::from)?;
+        let stored = found.ok_or(ReportError::NotYours(job_id))?;
+        stored
+            .map(|text| {
+                serde_json::from_str(&text)
+                    .map_err(|e| StoreError::Corrupt(format!("jit_fingerprint: {e}")).into())
+            })
+            .transpose()
     }
 
     fn enroll_host(&self, host: &NewHost, token_hash: &[u8]) -> Result<Host, StoreError> {

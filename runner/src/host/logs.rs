@@ -1,0 +1,226 @@
+//! Shipping a job's logs to the scheduler, which serves them to operators: every log before the
+//! job's final report, and the logs that grew every 30 s while the job runs, so a long job can
+//! be followed and a host that dies mid-job has sent most of them. Best effort: a failed upload
+//! is a warning and changes nothing about the job.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use reqwest::blocking::Body;
+
+use super::api::SchedulerClient;
+use super::jobdir::{JobDir, Log};
+use super::secret::Secret;
+
+/// The scheduler keeps the last 8 MiB of a log, after redacting the job's JIT config in it.
+/// The extra 64 KiB make a JIT config that straddles the 8 MiB line arrive whole, so that it
+/// is redacted instead of half cut off; everything before that would be dropped there anyway.
+const UPLOAD_MAX: u64 = (8 << 20) + (64 << 10);
+/// How often the logs of a running job are sent.
+pub const FOLLOW_PERIOD: Duration = Duration::from_secs(30);
+
+/// Sends every log the job has.
+pub fn upload_all(client: &SchedulerClient, token: &Secret, dir: &JobDir, job: u64) {
+    for log in Log::ALL {
+        upload(client, token, dir, job, log);
+    }
+}
+
+/// Sends the end of one log; false when there is no such log or it could not be sent.
+fn upload(client: &SchedulerClient, token: &Secret, dir: &JobDir, job: u64, log: Log) -> bool {
+    let path = dir.log(log);
+    let body = match tail(&path) {
+        Ok(Some(body)) => body,
+        Ok(None) => return false,
+        Err(e) => {
+            tracing::warn!(job, log = %path.display(), "cannot read the log to upload it: {e}");
+            return false;
+        }
+    };
+    match client.upload_log(token, job, log, body) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(job, log = log.name(), "log upload failed: {e}");
+            false
+        }
+    }
+}
+
+/// The last [`UPLOAD_MAX`] bytes of a log file as a request body; `None` if there is no file.
+fn tail(path: &Path) -> io::Result<Option<Body>> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(UPLOAD_MAX);
+    file.seek(SeekFrom::Start(start))?;
+    // The file may grow while it is sent: the body is the length measured here.
+    Ok(Some(Body::sized(file.take(len - start), len - start)))
+}
+
+/// Sends a running job's logs that changed, every period, until dropped.
+pub struct Follower {
+    stop: mpsc::Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Follower {
+    pub fn start(
+        client: &SchedulerClient,
+        token: &Secret,
+        dir: &JobDir,
+        job: u64,
+        period: Duration,
+    ) -> Follower {
+        let (stop, stopped) = mpsc::channel();
+        let (client, token, dir) = (client.clone(), token.clone(), dir.clone());
+        let spawned = thread::Builder::new()
+            .name(format!("logs-{job}"))
+            .spawn(move || {
+                // Logs only grow, so an unchanged length means nothing new to send.
+                let mut sent = [None; Log::ALL.len()];
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(period) {
+                    for (log, sent) in Log::ALL.into_iter().zip(&mut sent) {
+                        let len = fs::metadata(dir.log(log)).ok().map(|m| m.len());
+                        if len != *sent && upload(&client, &token, &dir, job, log) {
+                            *sent = len;
+                        }
+                    }
+                }
+            });
+        let thread = spawned
+            .inspect_err(|e| tracing::warn!(job, "cannot start sending the job's logs: {e}"))
+            .ok();
+        Follower { stop, thread }
+    }
+}
+
+impl Drop for Follower {
+    /// Waits for an upload in flight, so that it cannot land after, and overwrite, the final one.
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    /// A request the stand-in scheduler received: request line, Authorization, body.
+    type Request = (String, String, Vec<u8>);
+
+    /// A stand-in scheduler that records every request and answers 200 `{}`.
+    fn scheduler() -> (SchedulerClient, Arc<Mutex<Vec<Request>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen: Arc<Mutex<Vec<Request>>> = Arc::default();
+        let record = seen.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = BufReader::new(stream.unwrap());
+                let (mut line, mut auth, mut len) = (String::new(), String::new(), 0);
+                stream.read_line(&mut line).unwrap();
+                loop {
+                    let mut header = String::new();
+                    stream.read_line(&mut header).unwrap();
+                    let (name, value) = header.trim_end().split_once(": ").unwrap_or_default();
+                    match name.to_ascii_lowercase().as_str() {
+                        "" => break,
+                        "authorization" => auth = value.to_string(),
+                        "content-length" => len = value.parse().unwrap(),
+                        _ => {}
+                    }
+                }
+                let mut body = vec![0; len];
+                stream.read_exact(&mut body).unwrap();
+                record
+                    .lock()
+                    .unwrap()
+                    .push((line.trim_end().to_string(), auth, body));
+                let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+                stream.get_mut().write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        (SchedulerClient::new(&url).unwrap(), seen)
+    }
+
+    /// A fresh data directory for this test, and job 7's directories in it.
+    fn job_dir(test: &str) -> (PathBuf, JobDir) {
+        let root = std::env::temp_dir().join(format!("hopper-logs-{test}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let dir = JobDir::new(&root, 7);
+        fs::create_dir_all(&dir.logs).unwrap();
+        (root, dir)
+    }
+
+    #[test]
+    fn every_present_log_is_sent_up_to_its_last_bytes() {
+        let (client, seen) = scheduler();
+        let (root, dir) = job_dir("all");
+        let console: Vec<u8> = (0..UPLOAD_MAX + 1000).map(|i| (i % 251) as u8).collect();
+        fs::write(dir.log(Log::Console), &console).unwrap();
+        fs::write(dir.log(Log::Job), b"job output\n").unwrap();
+        upload_all(&client, &Secret::new("hht_test"), &dir, 7);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "no vmm.log, no upload of it");
+        assert_eq!(seen[0].0, "PUT /api/v1/host/jobs/7/logs/console HTTP/1.1");
+        assert_eq!(seen[0].1, "Bearer hht_test");
+        assert_eq!(seen[0].2, console[1000..]);
+        assert_eq!(seen[1].0, "PUT /api/v1/host/jobs/7/logs/job HTTP/1.1");
+        assert_eq!(seen[1].2, b"job output\n");
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_follower_sends_logs_that_grew_until_it_is_dropped() {
+        let (client, seen) = scheduler();
+        let (root, dir) = job_dir("follow");
+        let requests = |n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while seen.lock().unwrap().len() < n && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+            seen.lock()
+                .unwrap()
+                .iter()
+                .map(|r| r.2.clone())
+                .collect::<Vec<_>>()
+        };
+        let period = Duration::from_millis(20);
+        // Each line lands whole (one write), as the follower may look at any time; the file
+        // is renamed into place so that it never exists empty.
+        let log = dir.log(Log::Job);
+        let append = |line: &[u8]| {
+            let mut f = fs::OpenOptions::new().append(true).open(&log).unwrap();
+            f.write_all(line).unwrap();
+        };
+        let follower = Follower::start(&client, &Secret::new("t"), &dir, 7, period);
+        fs::write(dir.logs.join("new"), b"one\n").unwrap();
+        fs::rename(dir.logs.join("new"), &log).unwrap();
+        assert_eq!(requests(1), vec![b"one\n".to_vec()]);
+        // Unchanged: not sent again.
+        thread::sleep(period * 10);
+        assert_eq!(requests(1).len(), 1);
+        append(b"two\n");
+        assert_eq!(requests(2)[1], b"one\ntwo\n");
+        drop(follower);
+        append(b"three\n");
+        thread::sleep(period * 10);
+        assert_eq!(requests(2).len(), 2, "nothing is sent after the drop");
+        fs::remove_dir_all(root).unwrap();
+    }
+}
