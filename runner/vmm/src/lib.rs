@@ -16,6 +16,7 @@ pub mod event_loop;
 mod exit;
 pub mod layout;
 pub mod memory;
+pub mod snapshot;
 pub mod tap;
 pub mod vcpu;
 pub mod vm;

@@ -45,36 +45,77 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 
 /// Maps `size` bytes of zeroed guest RAM.
 pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
-    let mut regions = Vec::new();
-    for (base, len) in ram_ranges(size) {
-        let mapping = Arc::new(Mapping::new(len).map_err(|source| MemoryError::Map {
-            size_mib: size >> 20,
-            source,
-        })?);
+    let map_err = |source| MemoryError::Map {
+        size_mib: size >> 20,
+        source,
+    };
+    let regions = ram_ranges(size)
+        .into_iter()
+        .map(|(base, len)| Ok((base, Mapping::new(len, Backing::Zeroed).map_err(map_err)?)))
+        .collect::<Result<Vec<_>, MemoryError>>()?;
+    assemble(regions)
+}
+
+/// Guest RAM whose regions are private mappings of `file` at the given offsets: pages are read
+/// from the file when the guest first touches them, and the guest's writes stay private.
+pub fn from_file(
+    file: &std::fs::File,
+    regions: &[(GuestAddress, usize, u64)],
+) -> Result<GuestMemory, MemoryError> {
+    use std::os::fd::AsRawFd;
+    let mapped = regions
+        .iter()
+        .map(|&(base, len, offset)| {
+            let backing = Backing::File {
+                fd: file.as_raw_fd(),
+                offset,
+            };
+            let mapping = Mapping::new(len, backing).map_err(|source| MemoryError::Map {
+                size_mib: len as u64 >> 20,
+                source,
+            })?;
+            Ok((base, mapping))
+        })
+        .collect::<Result<Vec<_>, MemoryError>>()?;
+    assemble(mapped)
+}
+
+fn assemble(regions: Vec<(GuestAddress, Mapping)>) -> Result<GuestMemory, MemoryError> {
+    let mut built = Vec::new();
+    for (base, mapping) in regions {
+        let (addr, len) = (mapping.addr, mapping.len);
         let bitmap = RamBitmap {
             dirty: AtomicBitmap::with_len(len),
-            _mapping: mapping.clone(),
+            _mapping: Arc::new(mapping),
         };
-        // SAFETY: `mapping` is a live private anonymous mapping of exactly `len` bytes, and the
-        // region's bitmap keeps it alive for as long as the region exists.
+        // SAFETY: `addr` is a live private mapping of exactly `len` bytes, and the region's
+        // bitmap keeps it alive for as long as the region exists.
         let region = unsafe {
             MmapRegionBuilder::new_with_bitmap(len, bitmap)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(Mapping::FLAGS)
-                .with_raw_mmap_pointer(mapping.addr)
+                .with_raw_mmap_pointer(addr)
         }
         .build()
         .map_err(|e| MemoryError::Layout(e.to_string()))?;
-        regions.push(
+        built.push(
             GuestRegionMmap::new(region, base)
                 .ok_or_else(|| MemoryError::Layout(format!("region at {base:?} overflows")))?,
         );
     }
-    GuestMemory::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
+    GuestMemory::from_regions(built).map_err(|e| MemoryError::Layout(e.to_string()))
 }
 
-/// One private anonymous mapping, aligned to [`HUGE_PAGE`] and marked for transparent huge
-/// pages; unmapped when dropped.
+/// What a [`Mapping`] holds when created.
+#[derive(Clone, Copy)]
+enum Backing {
+    /// Anonymous memory, zeroed, eligible for transparent huge pages.
+    Zeroed,
+    /// A private (copy-on-write) view of a file from `offset` on.
+    File { fd: i32, offset: u64 },
+}
+
+/// One private mapping aligned to [`HUGE_PAGE`]; unmapped when dropped.
 #[derive(Debug)]
 struct Mapping {
     addr: *mut u8,
@@ -90,20 +131,12 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     const FLAGS: i32 = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
 
-    fn new(len: usize) -> std::io::Result<Mapping> {
+    fn new(len: usize, backing: Backing) -> std::io::Result<Mapping> {
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
         let reserve = len + HUGE_PAGE;
         // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing; nothing
         // else is affected.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                reserve,
-                libc::PROT_READ | libc::PROT_WRITE,
-                Self::FLAGS,
-                -1,
-                0,
-            )
-        };
+        let raw = unsafe { libc::mmap(std::ptr::null_mut(), reserve, prot, Self::FLAGS, -1, 0) };
         if raw == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
@@ -119,13 +152,36 @@ impl Mapping {
             if tail > 0 {
                 libc::munmap((aligned + len) as *mut libc::c_void, tail);
             }
-            // Advice only: without transparent huge pages the guest still runs, on 4 KiB pages.
-            libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
         }
-        Ok(Mapping {
+        let mapping = Mapping {
             addr: aligned as *mut u8,
             len,
-        })
+        };
+        match backing {
+            Backing::Zeroed => {
+                // SAFETY: advice on the range this value owns. Only advice: without
+                // transparent huge pages the guest still runs, on 4 KiB pages.
+                unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+            }
+            Backing::File { fd, offset } => {
+                // SAFETY: MAP_FIXED replaces exactly the range this value owns (so nothing
+                // else can be clobbered) with a private view of the caller's open file.
+                let file = unsafe {
+                    libc::mmap(
+                        aligned as *mut libc::c_void,
+                        len,
+                        prot,
+                        libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                        fd,
+                        offset as libc::off_t,
+                    )
+                };
+                if file == libc::MAP_FAILED {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+        }
+        Ok(mapping)
     }
 }
 
