@@ -13,7 +13,7 @@ mod testhost;
 
 pub use error::HarnessError;
 pub use hopper_agent::{Exec, ExecOutput, ExitStatus};
-pub use microvm::{boot_guest, GuestVmm, MicrovmGuest, MicrovmOptions};
+pub use microvm::{boot_guest, restore_guest, GuestVmm, MicrovmGuest, MicrovmOptions};
 pub use paths::GuestArtifacts;
 pub use scheduler::SchedulerProcess;
 pub use testhost::{TestHost, TestHostOptions};

@@ -122,16 +122,11 @@ pub fn boot_guest(host: &TestHost, opts: &MicrovmOptions) -> Result<MicrovmGuest
             )
         }
     };
-    // The VMM's output goes to files: the agent's exec returns only when every holder of its
-    // pipes has exited, and the VMM keeps running.
     let script = format!(
         r#"set -e
 {prepare}
 t0=$(cut -d' ' -f1 /proc/uptime)
-# The subshell records the VMM's exit status once it ends.
-( {launch} </dev/null & echo $! >{dir}/vmm.pid; wait $!; echo $? >{dir}/exit_status ) \
-  </dev/null >/dev/null 2>&1 &
-while [ ! -s {dir}/vmm.pid ]; do sleep 0.01; done
+{spawn}
 # Polls are slow in an emulated host: bound the wait by the clock, not by a count.
 deadline=$(awk -v t=$t0 'BEGIN{{print int(t + {timeout})}}')
 until grep -q '^{INIT_MARKER}' {dir}/console.log 2>/dev/null; do
@@ -154,6 +149,7 @@ echo "$t0 $ti $t1""#,
             format!("rm -rf {dir} && mkdir -p {dir}")
         },
         timeout = opts.ready_timeout.as_secs_f64(),
+        spawn = spawn_script(&dir, &launch),
     );
     let guest = MicrovmGuest {
         name: opts.name.clone(),
@@ -184,6 +180,76 @@ echo "$t0 $ti $t1""#,
     };
     Ok(MicrovmGuest {
         init_after: Duration::from_secs_f64((ti - t0).max(0.0)),
+        ready_after: Duration::from_secs_f64((t1 - t0).max(0.0)),
+        ..guest
+    })
+}
+
+/// Shell lines that start `launch` (a VMM writing its logs into `dir`) in the background and
+/// return once its pid is in `dir/vmm.pid`; its exit status lands in `dir/exit_status`.
+fn spawn_script(dir: &str, launch: &str) -> String {
+    // The VMM's output goes to files: the agent's exec returns only when every holder of its
+    // pipes has exited, and the VMM keeps running.
+    format!(
+        "( {launch} </dev/null & echo $! >{dir}/vmm.pid; wait $!; echo $? >{dir}/exit_status ) \\
+  </dev/null >/dev/null 2>&1 &
+while [ ! -s {dir}/vmm.pid ]; do sleep 0.01; done"
+    )
+}
+
+/// Starts Hopper's VMM from the snapshot in `from` (a directory in the test host) as guest
+/// `name`, on a copy of the snapshot's disk in /tmp/<name>, and waits for its agent.
+pub fn restore_guest(
+    host: &TestHost,
+    from: &str,
+    name: &str,
+    ready_timeout: Duration,
+) -> Result<MicrovmGuest, HarnessError> {
+    let dir = format!("/tmp/{name}");
+    let guest = MicrovmGuest {
+        name: name.into(),
+        socket: format!("{dir}/agent.sock"),
+        api_socket: Some(format!("{dir}/api.sock")),
+        dir,
+        init_after: Duration::ZERO,
+        ready_after: Duration::ZERO,
+    };
+    let launch = format!(
+        "hopper-runner vm restore --from {from} --rootfs {dir}/rootfs.ext4 \\
+  --agent-socket {socket} --api-socket {dir}/api.sock >{dir}/console.log 2>{dir}/vmm.log",
+        dir = guest.dir,
+        socket = guest.socket,
+    );
+    let script = format!(
+        "set -e\nrm -rf {dir} && mkdir -p {dir}\nt0=$(cut -d' ' -f1 /proc/uptime)\n{spawn}
+hopper-agent call --unix {socket} --timeout {timeout}
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo \"$t0 $t1\"",
+        dir = guest.dir,
+        spawn = spawn_script(&guest.dir, &launch),
+        socket = guest.socket,
+        timeout = ready_timeout.as_secs_f64(),
+    );
+    let out = host.exec(&["sh", "-c", &script])?;
+    if !out.exit.success() {
+        return Err(guest.error(
+            host,
+            format!(
+                "restored guest did not answer ({}): {}",
+                out.exit,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let times: Vec<f64> = stdout
+        .split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let [t0, t1] = times[..] else {
+        return Err(guest.error(host, format!("unexpected timing output {stdout:?}")));
+    };
+    Ok(MicrovmGuest {
         ready_after: Duration::from_secs_f64((t1 - t0).max(0.0)),
         ..guest
     })

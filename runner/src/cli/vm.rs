@@ -4,7 +4,7 @@ use crate::network::{self, Cidr, GuestFirewall};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use hopper_vmm::control::{self, Request};
-use hopper_vmm::{ExitReason, NetConfig, VmConfig, Vmm};
+use hopper_vmm::{ExitReason, NetConfig, RestoreConfig, VmConfig, Vmm};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -21,6 +21,68 @@ pub enum VmCommand {
     Stop(SocketArg),
     /// Print whether a VM is running or paused.
     Status(SocketArg),
+    /// Pause a running VM and save it (vCPUs, devices, memory, disk) into a directory; then
+    /// stop it, or let it go on with --resume.
+    Snapshot(SnapshotArgs),
+    /// Start a VM from a snapshot, where it was paused; its serial console goes to stdout.
+    Restore(Box<RestoreArgs>),
+}
+
+#[derive(Args)]
+pub struct SnapshotArgs {
+    /// The VM's control socket (its `--api-socket`).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Directory for the snapshot (created; must not hold a snapshot already).
+    #[arg(long)]
+    to: PathBuf,
+    /// Let the VM run on after the snapshot instead of stopping it.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// The snapshot directory (made by `vm snapshot`). It is left unchanged.
+    #[arg(long)]
+    from: PathBuf,
+    /// Where to put the restored VM's root disk, a copy of the snapshot's (must not exist;
+    /// required when the snapshot has a disk).
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// TAP device for the network interface (default: the one the VM had).
+    #[arg(long)]
+    tap: Option<String>,
+    #[command(flatten)]
+    host_net: HostNetArgs,
+    /// Unix socket for the guest agent channel (required when the VM had one).
+    #[arg(long)]
+    agent_socket: Option<PathBuf>,
+    /// Unix socket for the control API.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+}
+
+/// How the host side of a VM's TAP is set up.
+#[derive(Args)]
+pub struct HostNetArgs {
+    /// Address (with prefix) of the host's end of the TAP, e.g. 172.16.0.1/30; the guest uses
+    /// it as its gateway.
+    #[arg(long)]
+    host_ip: Option<Cidr>,
+    /// Host TCP port the guest may connect to (repeatable). Every other host port, and the
+    /// link-local range with the cloud metadata service, is closed to the guest.
+    #[arg(long = "allow-host-port")]
+    allow_host_ports: Vec<u16>,
+}
+
+impl HostNetArgs {
+    fn check(&self, has_tap: bool) -> anyhow::Result<()> {
+        if !has_tap && (self.host_ip.is_some() || !self.allow_host_ports.is_empty()) {
+            bail!("--host-ip and --allow-host-port need a VM with a network interface");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -56,14 +118,8 @@ pub struct RunArgs {
     /// TAP device for a virtio-net interface (created if missing, and then removed on exit).
     #[arg(long)]
     tap: Option<String>,
-    /// Address (with prefix) of the host's end of the TAP, e.g. 172.16.0.1/30; the guest uses
-    /// it as its gateway.
-    #[arg(long, requires = "tap")]
-    host_ip: Option<Cidr>,
-    /// Host TCP port the guest may connect to (repeatable). Every other host port, and the
-    /// link-local range with the cloud metadata service, is closed to the guest.
-    #[arg(long = "allow-host-port", requires = "tap")]
-    allow_host_ports: Vec<u16>,
+    #[command(flatten)]
+    host_net: HostNetArgs,
     /// MAC address of the guest's interface.
     #[arg(long, default_value = "06:00:ac:10:00:02", requires = "tap")]
     mac: String,
@@ -94,12 +150,21 @@ fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
 pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
     let (socket, request) = match cmd {
         VmCommand::Run(args) => return run_vm(*args),
+        VmCommand::Restore(args) => return restore_vm(*args),
+        VmCommand::Snapshot(a) => (
+            a.socket,
+            Request::Snapshot {
+                dir: std::path::absolute(&a.to)
+                    .with_context(|| format!("bad snapshot directory {}", a.to.display()))?,
+                resume: a.resume,
+            },
+        ),
         VmCommand::Pause(s) => (s.socket, Request::Pause),
         VmCommand::Resume(s) => (s.socket, Request::Resume),
         VmCommand::Stop(s) => (s.socket, Request::Stop),
         VmCommand::Status(s) => (s.socket, Request::Status),
     };
-    let response = control::call(&socket, request)
+    let response = control::call(&socket, &request)
         .with_context(|| format!("cannot reach the VM's control socket {}", socket.display()))?;
     println!("{}", serde_json::to_string(&response)?);
     Ok(if response.ok {
@@ -110,6 +175,7 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
+    args.host_net.check(args.tap.is_some())?;
     let net = match &args.tap {
         Some(tap) => Some(NetConfig {
             tap: tap.clone(),
@@ -130,14 +196,40 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
         api_socket: args.api_socket,
     };
     let vmm = Vmm::build(&cfg, Box::new(std::io::stdout())).context("cannot start the VM")?;
+    run_to_end(vmm, args.tap.as_deref(), &args.host_net)
+}
+
+fn restore_vm(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let cfg = RestoreConfig {
+        from: args.from,
+        rootfs: args.rootfs,
+        tap: args.tap,
+        agent_socket: args.agent_socket,
+        api_socket: args.api_socket,
+    };
+    let vmm = Vmm::restore(&cfg, Box::new(std::io::stdout()))
+        .with_context(|| format!("cannot restore the VM from {}", cfg.from.display()))?;
+    let tap = vmm.tap().map(str::to_owned);
+    if let Err(e) = args.host_net.check(tap.is_some()) {
+        drop(vmm);
+        if let Some(copy) = &cfg.rootfs {
+            let _ = std::fs::remove_file(copy);
+        }
+        return Err(e);
+    }
+    run_to_end(vmm, tap.as_deref(), &args.host_net)
+}
+
+/// Runs a built VM to its end, with the host side of its TAP set up meanwhile.
+fn run_to_end(vmm: Vmm, tap: Option<&str>, host_net: &HostNetArgs) -> anyhow::Result<ExitCode> {
     // The VMM created the TAP; the host end is configured before the guest can use it, and
     // the firewall is removed when this function returns.
-    let _firewall = match &args.tap {
+    let _firewall = match tap {
         Some(tap) => {
-            if let Some(cidr) = args.host_ip {
+            if let Some(cidr) = host_net.host_ip {
                 network::configure_interface(tap, cidr)?;
             }
-            Some(GuestFirewall::install(tap, &args.allow_host_ports)?)
+            Some(GuestFirewall::install(tap, &host_net.allow_host_ports)?)
         }
         None => None,
     };

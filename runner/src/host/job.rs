@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use hopper_agent::{ClientError, Exec, ExitStatus};
 
 use super::api::{Assignment, Reported, SchedulerClient, VmState};
-use super::disk;
 use super::jobdir::{JobDir, JobRecord, Log};
 use super::logs::{self, Follower};
 use super::netslot::NetSlots;
@@ -108,7 +107,7 @@ pub fn supervise(ctx: &JobContext, a: Assignment) {
 }
 
 fn execute(ctx: &JobContext, a: &Assignment, dir: &JobDir) -> Result<ExitStatus, JobError> {
-    disk::private_copy(&ctx.images.rootfs, &dir.disk()).map_err(JobError::Disk)?;
+    hopper_vmm::disk_copy::private_copy(&ctx.images.rootfs, &dir.disk()).map_err(JobError::Disk)?;
     let memory_mib = u64::from(a.shape.memory_gb) * 1024;
     // Held until this function returns, when the VM (and with it its TAP) is gone.
     let net = ctx.net.acquire().ok_or(JobError::NoNetwork)?;

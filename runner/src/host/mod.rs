@@ -3,7 +3,6 @@
 //! capacity it announced (the scheduler places no more than that on it).
 
 mod api;
-mod disk;
 mod enroll;
 mod job;
 mod jobdir;

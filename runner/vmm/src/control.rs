@@ -1,7 +1,8 @@
 //! The control API: newline-delimited JSON over a Unix socket. Each request line gets one
 //! response line. Requests: `{"action":"pause"}`, `{"action":"resume"}`, `{"action":"stop"}`,
-//! `{"action":"status"}`. Responses: `{"ok":true,"state":"paused"}` or
-//! `{"ok":false,"error":"…"}`.
+//! `{"action":"status"}`, `{"action":"snapshot","dir":"/path","resume":false}` (pause, save
+//! into `dir`, then resume, or stop the VM). Responses: `{"ok":true,"state":"paused"}` (a
+//! snapshot adds `"snapshot":{…}` with its sizes and duration) or `{"ok":false,"error":"…"}`.
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
@@ -9,17 +10,25 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+
+use crate::persist::SnapshotSummary;
 
 /// Longest request line accepted; anything longer is not a control request.
 const MAX_REQUEST: usize = 64 << 10;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "action")]
 pub enum Request {
     Pause,
     Resume,
     Stop,
     Status,
+    /// Pause, save the VM into `dir`; then resume (`resume`) or stop.
+    Snapshot {
+        dir: PathBuf,
+        resume: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +46,8 @@ pub struct Response {
     pub state: Option<RunState>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotSummary>,
 }
 
 impl Response {
@@ -45,6 +56,13 @@ impl Response {
             ok: true,
             state: Some(state),
             error: None,
+            snapshot: None,
+        }
+    }
+    pub fn snapshot(state: RunState, summary: SnapshotSummary) -> Self {
+        Response {
+            snapshot: Some(summary),
+            ..Response::state(state)
         }
     }
     pub fn error(msg: impl Into<String>) -> Self {
@@ -52,6 +70,7 @@ impl Response {
             ok: false,
             state: None,
             error: Some(msg.into()),
+            snapshot: None,
         }
     }
 }
@@ -167,9 +186,9 @@ impl<C: Controllable> MutEventSubscriber for ControlServer<C> {
 }
 
 /// A blocking client for the control socket (used by the CLI and tests).
-pub fn call(socket: &std::path::Path, request: Request) -> std::io::Result<Response> {
+pub fn call(socket: &std::path::Path, request: &Request) -> std::io::Result<Response> {
     let mut stream = UnixStream::connect(socket)?;
-    let mut line = serde_json::to_vec(&request).expect("requests always serialize");
+    let mut line = serde_json::to_vec(request).expect("requests always serialize");
     line.push(b'\n');
     stream.write_all(&line)?;
     let mut reply = Vec::new();

@@ -12,10 +12,12 @@ pub mod config;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
+pub mod disk_copy;
 pub mod event_loop;
 mod exit;
 pub mod layout;
 pub mod memory;
+pub mod persist;
 pub mod snapshot;
 pub mod tap;
 pub mod vcpu;
@@ -23,4 +25,4 @@ pub mod vm;
 mod vmm;
 
 pub use config::{ConfigError, NetConfig, VmConfig};
-pub use vmm::{Error, ExitReason, Vmm};
+pub use vmm::{Error, ExitReason, RestoreConfig, Vmm};

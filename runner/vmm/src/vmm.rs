@@ -1,4 +1,4 @@
-//! Building a VM from its configuration and running it to its end.
+//! Building a VM, from its configuration or from a snapshot, and running it to its end.
 
 use crate::acpi;
 use crate::boot::{self, long_mode};
@@ -11,22 +11,27 @@ use crate::devices::serial::{SerialDevice, SerialOutput};
 use crate::devices::virtio::attach::VirtioDevices;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::Console;
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::Net;
 use crate::devices::Bus;
 use crate::event_loop::{self, DeviceGate, Subscriber};
 use crate::layout::*;
 use crate::memory;
+use crate::persist::{self, MachineState, PersistError, SavedDevices, SavedDisk, SavedNet};
+use crate::snapshot::format;
 use crate::tap::Tap;
 use crate::vcpu::control::{install_kick_handler, Target, VcpuControl};
-use crate::vcpu::run::VcpuContext;
+use crate::vcpu::run::{self, VcpuContext};
 use crate::vcpu::Vcpu;
 use crate::vm::{Vm, VmError};
+use crate::NetConfig;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use std::fs::File;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use vm_superio::serial::SerialState;
 
 pub use crate::exit::ExitReason;
 use crate::exit::ExitSignal;
@@ -56,6 +61,10 @@ pub enum Error {
     Devices(String),
     #[error(transparent)]
     Attach(#[from] crate::devices::virtio::attach::AttachError),
+    #[error(transparent)]
+    Snapshot(#[from] PersistError),
+    #[error("the snapshot does not fit this VM: {0}")]
+    Restore(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -80,13 +89,52 @@ impl Drop for OwnedSocket {
     }
 }
 
+/// Where a restored VM's files and sockets go; what the VM is made of comes from the snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreConfig {
+    /// The snapshot directory.
+    pub from: PathBuf,
+    /// Where the restored VM's root disk (a copy of the snapshot's) is made; it must not
+    /// exist. Required when the snapshot has a disk.
+    pub rootfs: Option<PathBuf>,
+    /// TAP device for the network interface (default: the one it had).
+    pub tap: Option<String>,
+    pub agent_socket: Option<PathBuf>,
+    pub api_socket: Option<PathBuf>,
+}
+
+/// The devices a VM gets, with the files and sockets they use.
+struct DeviceSpec<'a> {
+    rootfs: Option<(&'a Path, bool)>,
+    net: Option<NetConfig>,
+    agent_socket: Option<&'a Path>,
+}
+
+/// Devices as created, with the handles a snapshot needs.
+struct Devices {
+    pio: Bus,
+    mmio: Bus,
+    subscribers: Vec<Subscriber>,
+    parts: SavedParts,
+    sockets: Vec<OwnedSocket>,
+}
+
+/// The devices whose state a snapshot saves, and which devices there are.
+struct SavedParts {
+    serial: Arc<Mutex<SerialDevice>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    disk: Option<(Arc<Mutex<Block>>, PathBuf)>,
+    devices: SavedDevices,
+}
+
 /// A VM ready to run.
 pub struct Vmm {
-    vm: Vm,
-    vcpus: Vec<Vcpu>,
+    vm: Arc<Vm>,
+    memory_mib: u64,
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
     ctx: VcpuContext,
     devices: Vec<Subscriber>,
-    blocks: Vec<Arc<Mutex<Block>>>,
+    parts: SavedParts,
     api: Option<UnixListener>,
     _sockets: Vec<OwnedSocket>,
 }
@@ -96,7 +144,6 @@ impl Vmm {
     /// Nothing outlives a failure: sockets are removed and TAP devices closed on the way out.
     pub fn build(cfg: &VmConfig, console: SerialOutput) -> Result<Vmm, Error> {
         cfg.validate()?;
-        let mut sockets = Vec::new();
         let mut kernel = File::open(&cfg.kernel).map_err(io("cannot open the kernel"))?;
         let mut initrd = match &cfg.initrd {
             Some(p) => Some(File::open(p).map_err(io("cannot open the initrd"))?),
@@ -108,57 +155,16 @@ impl Vmm {
         long_mode::write_tables(&mem).map_err(Error::PageTables)?;
 
         let exit = Arc::new(ExitSignal::new().map_err(io("cannot create the exit event"))?);
-        let pio = legacy_devices(&vm, &exit, console)?;
-        let mut virtio = VirtioDevices::new(&vm);
-        let mut blocks = Vec::new();
-        if let Some(path) = &cfg.rootfs {
-            let disk = std::fs::OpenOptions::new()
-                .read(true)
-                .write(!cfg.rootfs_read_only)
-                .open(path)
-                .map_err(io(format!("cannot open rootfs {}", path.display())))?;
-            let irq = virtio.next_interrupt()?;
-            let block = Block::new(
-                disk,
-                cfg.rootfs_read_only,
-                "rootfs".into(),
-                irq,
-                mem.clone(),
-            )
-            .map_err(io("cannot create virtio-blk"))?;
-            let block = Arc::new(Mutex::new(block));
-            blocks.push(block.clone());
-            virtio.attach(block)?;
-        }
-        if let Some(net) = &cfg.net {
-            let tap = Tap::open(&net.tap)?;
-            let dev = Net::new(tap, net.mac, virtio.next_interrupt()?, mem.clone())
-                .map_err(io("cannot create virtio-net"))?;
-            virtio.attach(Arc::new(Mutex::new(dev)))?;
-        }
-        if let Some(path) = &cfg.agent_socket {
-            let (owned, listener) = OwnedSocket::bind(path, "agent socket")?;
-            sockets.push(owned);
-            let dev = Console::new(listener, virtio.next_interrupt()?, mem.clone())
-                .map_err(io("cannot create virtio-console"))?;
-            virtio.attach(Arc::new(Mutex::new(dev)))?;
-        }
-        let VirtioDevices {
-            bus: mmio,
-            infos,
-            subscribers: devices,
-            ..
-        } = virtio;
-        acpi::write_tables(&mem, cfg.cpus, &infos)?;
-
-        let api = match &cfg.api_socket {
-            Some(path) => {
-                let (owned, listener) = OwnedSocket::bind(path, "API socket")?;
-                sockets.push(owned);
-                Some(listener)
-            }
-            None => None,
+        let spec = DeviceSpec {
+            rootfs: cfg
+                .rootfs
+                .as_deref()
+                .map(|path| (path, cfg.rootfs_read_only)),
+            net: cfg.net.clone(),
+            agent_socket: cfg.agent_socket.as_deref(),
         };
+        let (devices, infos) = create_devices(&vm, &spec, &exit, console, None)?;
+        acpi::write_tables(&mem, cfg.cpus, &infos)?;
 
         let supported = vm.supported_cpuid()?;
         let mut vcpus = Vec::new();
@@ -167,21 +173,161 @@ impl Vmm {
             vcpu.configure(&supported, cfg.cpus, (id == 0).then_some(&entry))?;
             vcpus.push(vcpu);
         }
+        Self::assemble(
+            vm,
+            cfg.memory_mib,
+            vcpus,
+            devices,
+            exit,
+            cfg.api_socket.as_deref(),
+        )
+    }
+
+    /// Rebuilds the VM a snapshot holds, ready to resume where it was paused. The snapshot is
+    /// checked (format, checksum, version, CPU features, memory file) before anything is
+    /// created, and it is left as it was: the restored VM writes to a copy of its disk and
+    /// keeps its memory changes private.
+    pub fn restore(cfg: &RestoreConfig, console: SerialOutput) -> Result<Vmm, Error> {
+        let state: MachineState =
+            format::read(&cfg.from.join(persist::STATE_FILE)).map_err(PersistError::from)?;
+        let memory_path = cfg.from.join(persist::MEMORY_FILE);
+        let memory_file = File::open(&memory_path).map_err(io(format!(
+            "cannot open the snapshot's memory {}",
+            memory_path.display()
+        )))?;
+        let mem = crate::snapshot::memory::restore(&memory_file, &state.memory)
+            .map_err(PersistError::from)?;
+        let vm = Vm::new(mem)?;
+        let count = state.vcpus.len() as u8;
+        if count == 0
+            || state
+                .vcpus
+                .iter()
+                .enumerate()
+                .any(|(i, v)| v.id as usize != i)
+        {
+            return Err(Error::Restore("the vCPUs are not numbered 0..n".into()));
+        }
+        let mut offered = vm.supported_cpuid()?;
+        crate::cpuid::normalize(&mut offered, 0, count);
+        persist::check_cpu(&offered, &state.vcpus[0].cpuid)?;
+
+        let saved = &state.devices;
+        let rootfs = match (&saved.disk, &cfg.rootfs) {
+            (Some(_), Some(path)) => {
+                let frozen = cfg.from.join(persist::DISK_FILE);
+                crate::disk_copy::private_copy(&frozen, path).map_err(io(format!(
+                    "cannot copy the snapshot's disk {} to {}",
+                    frozen.display(),
+                    path.display()
+                )))?;
+                Some(path.as_path())
+            }
+            (Some(_), None) => {
+                return Err(Error::Restore(
+                    "it has a root disk: say where its copy goes (--rootfs)".into(),
+                ))
+            }
+            (None, _) => None,
+        };
+        if saved.agent && cfg.agent_socket.is_none() {
+            return Err(Error::Restore(
+                "it has an agent channel: name its socket (--agent-socket)".into(),
+            ));
+        }
+        let spec = DeviceSpec {
+            rootfs: rootfs.zip(saved.disk.as_ref().map(|d| d.read_only)),
+            net: saved.net.as_ref().map(|n| NetConfig {
+                tap: cfg.tap.clone().unwrap_or_else(|| n.tap.clone()),
+                mac: n.mac,
+            }),
+            agent_socket: cfg.agent_socket.as_deref().filter(|_| saved.agent),
+        };
+        let restored = (|| {
+            vm.restore_state(&state.vm)?;
+            let exit = Arc::new(ExitSignal::new().map_err(io("cannot create the exit event"))?);
+            let (devices, _) = create_devices(&vm, &spec, &exit, console, Some(&state.serial.0))?;
+            let transports = &devices.parts.transports;
+            if transports.len() != state.virtio.len() {
+                return Err(Error::Restore(format!(
+                    "{} virtio devices saved, {} created",
+                    state.virtio.len(),
+                    transports.len()
+                )));
+            }
+            for (i, (t, s)) in transports.iter().zip(&state.virtio).enumerate() {
+                t.lock()
+                    .unwrap()
+                    .restore(s)
+                    .map_err(|e| Error::Restore(format!("virtio device {i}: {e}")))?;
+            }
+            let mut vcpus = Vec::new();
+            for saved in &state.vcpus {
+                let vcpu = Vcpu::new(&vm.fd, saved.id)?;
+                vcpu.restore_state(&vm.kvm, saved)
+                    .map_err(|e| Error::Restore(e.to_string()))?;
+                vcpus.push(vcpu);
+            }
+            Ok((devices, exit, vcpus))
+        })();
+        let (devices, exit, vcpus) = match restored {
+            Ok(parts) => parts,
+            Err(e) => {
+                // The disk copy is this restore's own; nothing else was created on disk.
+                if let Some(path) = rootfs {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e);
+            }
+        };
+        Self::assemble(
+            vm,
+            state.memory_mib,
+            vcpus,
+            devices,
+            exit,
+            cfg.api_socket.as_deref(),
+        )
+    }
+
+    fn assemble(
+        vm: Vm,
+        memory_mib: u64,
+        vcpus: Vec<Vcpu>,
+        devices: Devices,
+        exit: Arc<ExitSignal>,
+        api_socket: Option<&Path>,
+    ) -> Result<Vmm, Error> {
+        let mut sockets = devices.sockets;
+        let api = match api_socket {
+            Some(path) => {
+                let (owned, listener) = OwnedSocket::bind(path, "API socket")?;
+                sockets.push(owned);
+                Some(listener)
+            }
+            None => None,
+        };
         let ctx = VcpuContext {
-            pio,
-            mmio,
+            pio: devices.pio,
+            mmio: devices.mmio,
             exit,
             control: Arc::new(VcpuControl::default()),
         };
         Ok(Vmm {
-            vm,
-            vcpus,
+            vm: Arc::new(vm),
+            memory_mib,
+            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
             ctx,
-            devices,
-            blocks,
+            devices: devices.subscribers,
+            parts: devices.parts,
             api,
             _sockets: sockets,
         })
+    }
+
+    /// The TAP device the VM's network interface uses, if it has one.
+    pub fn tap(&self) -> Option<&str> {
+        self.parts.devices.net.as_ref().map(|n| n.tap.as_str())
     }
 
     /// Runs the guest until it powers off, resets, is stopped, or fails.
@@ -191,11 +337,12 @@ impl Vmm {
         let device_thread = event_loop::spawn(self.devices, gate.clone())
             .map_err(io("cannot start the device thread"))?;
         let mut threads = Vec::new();
-        for vcpu in self.vcpus {
-            let ctx = self.ctx.clone();
+        for vcpu in &self.vcpus {
+            let (vcpu, ctx) = (vcpu.clone(), self.ctx.clone());
+            let id = vcpu.lock().unwrap().id;
             let t = std::thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.id))
-                .spawn(move || vcpu.run_loop(ctx))
+                .name(format!("vcpu{id}"))
+                .spawn(move || run::run_loop(vcpu, ctx))
                 .map_err(io("cannot start a vCPU thread"))?;
             threads.push(t);
         }
@@ -205,6 +352,10 @@ impl Vmm {
             gate: gate.clone(),
             exit: self.ctx.exit.clone(),
             state: Mutex::new(RunState::Running),
+            vm: self.vm.clone(),
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus.clone(),
+            parts: self.parts,
         });
 
         let mut em =
@@ -233,21 +384,32 @@ impl Vmm {
         }
         gate.exit();
         let _ = device_thread.join();
-        for block in &self.blocks {
+        if let Some((block, _)) = &machine.parts.disk {
             if let Err(e) = block.lock().unwrap().flush() {
                 log::error!("flushing the disk failed: {e}");
             }
         }
-        drop(self.vm);
         Ok(reason)
     }
 }
 
-/// The port I/O devices: the serial console and the power/reset registers.
-fn legacy_devices(vm: &Vm, exit: &Arc<ExitSignal>, console: SerialOutput) -> Result<Bus, Error> {
-    let serial = SerialDevice::new(vm.irq_line(SERIAL_GSI)?, console);
-    let devices: [(u16, u16, SharedBusDevice); 3] = [
-        (SERIAL_PORT, SERIAL_PORT_LEN, Arc::new(Mutex::new(serial))),
+/// Creates the VM's devices: the serial console (from a saved state, on restore), the
+/// power/reset registers, and the virtio devices in a fixed order (disk, network, agent
+/// channel), which a restore repeats. Returns them with the MMIO windows the DSDT describes.
+fn create_devices(
+    vm: &Vm,
+    spec: &DeviceSpec,
+    exit: &Arc<ExitSignal>,
+    console: SerialOutput,
+    serial_state: Option<&SerialState>,
+) -> Result<(Devices, Vec<crate::acpi::MmioDeviceInfo>), Error> {
+    let irq = vm.irq_line(SERIAL_GSI)?;
+    let serial = Arc::new(Mutex::new(match serial_state {
+        Some(state) => SerialDevice::from_state(state, irq, console),
+        None => SerialDevice::new(irq, console),
+    }));
+    let legacy: [(u16, u16, SharedBusDevice); 3] = [
+        (SERIAL_PORT, SERIAL_PORT_LEN, serial.clone()),
         (
             ACPI_PM_PORT,
             ACPI_PM_LEN,
@@ -260,20 +422,115 @@ fn legacy_devices(vm: &Vm, exit: &Arc<ExitSignal>, console: SerialOutput) -> Res
         ),
     ];
     let mut pio = Bus::default();
-    for (port, len, dev) in devices {
+    for (port, len, dev) in legacy {
         pio.insert(port as u64, len as u64, dev)
             .map_err(|e| Error::Devices(e.to_string()))?;
     }
-    Ok(pio)
+
+    let mem = &vm.memory;
+    let mut virtio = VirtioDevices::new(vm);
+    let mut sockets = Vec::new();
+    let mut disk = None;
+    if let Some((path, read_only)) = spec.rootfs {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(io(format!("cannot open rootfs {}", path.display())))?;
+        let irq = virtio.next_interrupt()?;
+        let block = Block::new(file, read_only, "rootfs".into(), irq, mem.clone())
+            .map_err(io("cannot create virtio-blk"))?;
+        let block = Arc::new(Mutex::new(block));
+        virtio.attach(block.clone())?;
+        disk = Some((block, path.to_path_buf()));
+    }
+    if let Some(net) = &spec.net {
+        let tap = Tap::open(&net.tap)?;
+        let dev = Net::new(tap, net.mac, virtio.next_interrupt()?, mem.clone())
+            .map_err(io("cannot create virtio-net"))?;
+        virtio.attach(Arc::new(Mutex::new(dev)))?;
+    }
+    if let Some(path) = spec.agent_socket {
+        let (owned, listener) = OwnedSocket::bind(path, "agent socket")?;
+        sockets.push(owned);
+        let dev = Console::new(listener, virtio.next_interrupt()?, mem.clone())
+            .map_err(io("cannot create virtio-console"))?;
+        virtio.attach(Arc::new(Mutex::new(dev)))?;
+    }
+    let devices = SavedDevices {
+        disk: spec.rootfs.map(|(_, read_only)| SavedDisk { read_only }),
+        net: spec.net.as_ref().map(|n| SavedNet {
+            mac: n.mac,
+            tap: n.tap.clone(),
+        }),
+        agent: spec.agent_socket.is_some(),
+    };
+    let VirtioDevices {
+        bus: mmio,
+        infos,
+        subscribers,
+        transports,
+        ..
+    } = virtio;
+    Ok((
+        Devices {
+            pio,
+            mmio,
+            subscribers,
+            parts: SavedParts {
+                serial,
+                transports,
+                disk,
+                devices,
+            },
+            sockets,
+        },
+        infos,
+    ))
 }
 
 /// The running VM as the control API sees it.
 struct Machine {
-    threads: Mutex<Vec<JoinHandle<Vcpu>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     control: Arc<VcpuControl>,
     gate: Arc<DeviceGate>,
     exit: Arc<ExitSignal>,
     state: Mutex<RunState>,
+    vm: Arc<Vm>,
+    memory_mib: u64,
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    parts: SavedParts,
+}
+
+impl Machine {
+    fn pause(&self) {
+        self.control
+            .request(Target::Pause, &self.threads.lock().unwrap());
+        self.gate.pause();
+    }
+
+    fn resume(&self) {
+        self.gate.resume();
+        self.control
+            .request(Target::Run, &self.threads.lock().unwrap());
+    }
+
+    /// Saves the VM into `dir`; it must be paused.
+    fn snapshot(&self, dir: &Path) -> Result<persist::SnapshotSummary, PersistError> {
+        let parts = &self.parts;
+        persist::save(
+            dir,
+            &persist::Paused {
+                vm: &self.vm,
+                memory_mib: self.memory_mib,
+                vcpus: &self.vcpus,
+                serial: &parts.serial,
+                transports: &parts.transports,
+                disk: parts.disk.as_ref().map(|(b, p)| (&**b, p.as_path())),
+                devices: &parts.devices,
+            },
+        )
+    }
 }
 
 struct MachineControl(Arc<Machine>);
@@ -289,16 +546,32 @@ impl Controllable for MachineControl {
                 Response::state(*state)
             }
             (Request::Pause, RunState::Running) => {
-                m.control.request(Target::Pause, &m.threads.lock().unwrap());
-                m.gate.pause();
+                m.pause();
                 *state = RunState::Paused;
                 Response::state(*state)
             }
             (Request::Resume, RunState::Paused) => {
-                m.gate.resume();
-                m.control.request(Target::Run, &m.threads.lock().unwrap());
+                m.resume();
                 *state = RunState::Running;
                 Response::state(*state)
+            }
+            (Request::Snapshot { dir, resume }, before) => {
+                if before == RunState::Running {
+                    m.pause();
+                }
+                let result = m.snapshot(&dir);
+                // A failed snapshot leaves the VM as it was; a good one without `resume`
+                // stops it (the snapshot carries on from here).
+                if result.is_ok() && !resume {
+                    *state = RunState::Stopping;
+                    m.exit.request(ExitReason::Stopped);
+                } else if before == RunState::Running {
+                    m.resume();
+                }
+                match result {
+                    Ok(summary) => Response::snapshot(*state, summary),
+                    Err(e) => Response::error(format!("snapshot failed: {e}")),
+                }
             }
             (Request::Stop, _) => {
                 *state = RunState::Stopping;

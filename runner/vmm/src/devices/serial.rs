@@ -2,6 +2,7 @@
 //! (the VMM's stdout or a log file).
 
 use super::BusDevice;
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
@@ -18,6 +19,26 @@ impl Trigger for IrqTrigger {
 }
 
 pub type SerialOutput = Box<dyn Write + Send>;
+
+/// `vm_superio::serial::SerialState`, which has no serde support of its own.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+/// The UART's registers and receive FIFO, as a snapshot carries them.
+#[derive(Serialize, Deserialize)]
+pub struct SavedSerial(#[serde(with = "SerialStateDef")] pub SerialState);
 
 pub struct SerialDevice {
     uart: Serial<IrqTrigger, NoEvents, SerialOutput>,

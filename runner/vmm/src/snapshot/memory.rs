@@ -156,7 +156,9 @@ pub fn restore(file: &File, layout: &MemoryLayout) -> Result<GuestMemory, Snapsh
             .file_offset
             .checked_add(r.len)
             .is_some_and(|end| end <= layout.file_len);
-        if !fits || r.len as usize % PAGE != 0 || r.file_offset as usize % PAGE != 0 {
+        let aligned =
+            r.len.is_multiple_of(PAGE as u64) && r.file_offset.is_multiple_of(PAGE as u64);
+        if !fits || !aligned {
             return Err(SnapshotMemoryError::Layout(format!(
                 "region at {:#x} ({} bytes at file offset {})",
                 r.guest_addr, r.len, r.file_offset

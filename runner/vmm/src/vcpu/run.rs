@@ -7,7 +7,7 @@ use crate::devices::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::VcpuExit;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// What a vCPU thread needs besides its vCPU.
 #[derive(Clone)]
@@ -23,36 +23,38 @@ enum Step {
     Stop(ExitReason),
 }
 
-impl Vcpu {
-    /// Runs until the VMM asks the thread to exit. Returns the vCPU so its state can be read.
-    pub fn run_loop(mut self, ctx: VcpuContext) -> Vcpu {
-        loop {
-            match ctx.control.target() {
-                Target::Run => {}
-                Target::Pause => {
-                    self.finish_in_flight();
-                    ctx.control.park(Target::Pause);
-                    continue;
-                }
-                Target::Exit => {
-                    self.finish_in_flight();
-                    ctx.control.park(Target::Exit);
-                    return self;
-                }
+/// Runs `vcpu` until the VMM asks the thread to exit. The vCPU is locked while it runs and
+/// free while the thread is parked, so the VMM can read a paused vCPU's state.
+pub fn run_loop(vcpu: Arc<Mutex<Vcpu>>, ctx: VcpuContext) {
+    loop {
+        match ctx.control.target() {
+            Target::Run => {}
+            Target::Pause => {
+                vcpu.lock().unwrap().finish_in_flight();
+                ctx.control.park(Target::Pause);
+                continue;
             }
-            match self.step(&ctx) {
-                // A device write (poweroff, reset) may have ended the VM: run no more guest
-                // code, which after an ACPI poweroff would only poll the sleep status register.
-                Step::Continue if !ctx.exit.is_exiting() => {}
-                Step::Continue => ctx.control.wait_while(Target::Run),
-                Step::Stop(reason) => {
-                    ctx.exit.request(reason);
-                    ctx.control.wait_while(Target::Run);
-                }
+            Target::Exit => {
+                vcpu.lock().unwrap().finish_in_flight();
+                ctx.control.park(Target::Exit);
+                return;
+            }
+        }
+        let step = vcpu.lock().unwrap().step(&ctx);
+        match step {
+            // A device write (poweroff, reset) may have ended the VM: run no more guest
+            // code, which after an ACPI poweroff would only poll the sleep status register.
+            Step::Continue if !ctx.exit.is_exiting() => {}
+            Step::Continue => ctx.control.wait_while(Target::Run),
+            Step::Stop(reason) => {
+                ctx.exit.request(reason);
+                ctx.control.wait_while(Target::Run);
             }
         }
     }
+}
 
+impl Vcpu {
     fn step(&mut self, ctx: &VcpuContext) -> Step {
         let id = self.id;
         match self.fd.run() {

@@ -27,6 +27,8 @@ pub struct VirtioDevices<'a> {
     pub bus: Bus,
     pub infos: Vec<MmioDeviceInfo>,
     pub subscribers: Vec<Subscriber>,
+    /// In attach order, which is the order a restore attaches them in again.
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl<'a> VirtioDevices<'a> {
@@ -36,6 +38,7 @@ impl<'a> VirtioDevices<'a> {
             bus: Bus::default(),
             infos: Vec::new(),
             subscribers: Vec::new(),
+            transports: Vec::new(),
         }
     }
 
@@ -66,9 +69,9 @@ impl<'a> VirtioDevices<'a> {
                 .register_ioevent(evt, &notify, q as u32)
                 .map_err(AttachError::IoEvent)?;
         }
-        let transport = MmioTransport::new(dev.clone());
-        self.bus
-            .insert(info.base, info.len, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(dev.clone())));
+        self.bus.insert(info.base, info.len, transport.clone())?;
+        self.transports.push(transport);
         self.infos.push(info);
         self.subscribers.push(dev);
         Ok(())

@@ -1,6 +1,7 @@
 //! The virtio-mmio register interface (virtio 1.x, 4.2.2): feature negotiation, queue set-up,
 //! status, interrupt status/acknowledge, and the device-specific configuration space.
 
+use super::persist::{VirtioRestoreError, VirtioState};
 use super::{
     VirtioDevice, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
     STATUS_FEATURES_OK,
@@ -62,8 +63,21 @@ impl MmioTransport {
         }
     }
 
-    pub fn state(&self) -> &MmioState {
-        &self.state
+    /// The device's state and this transport's, for a snapshot; the device must be idle
+    /// (device thread parked, vCPUs paused).
+    pub fn save(&self) -> VirtioState {
+        self.device.lock().unwrap().common().save(&self.state)
+    }
+
+    /// Puts a saved state into this (freshly created, identically configured) transport and
+    /// its device, and has the device look at its queues once it runs.
+    pub fn restore(&mut self, state: &VirtioState) -> Result<(), VirtioRestoreError> {
+        let device = self.device.clone();
+        let mut device = device.lock().unwrap();
+        device.common_mut().restore(state)?;
+        self.state = state.transport.clone();
+        device.common().notify_all_queues();
+        Ok(())
     }
 
     fn read_reg(&self, dev: &dyn VirtioDevice, offset: u64) -> u32 {

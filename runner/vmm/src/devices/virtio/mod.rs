@@ -7,6 +7,7 @@ pub mod block;
 pub mod console;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 
 use crate::memory::GuestMemory;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -64,6 +65,11 @@ impl Interrupt {
 
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Sets the status a snapshot recorded (the line itself is in the saved irqchip state).
+    pub fn restore(&self, status: u32) {
+        self.status.store(status, Ordering::SeqCst);
     }
 }
 

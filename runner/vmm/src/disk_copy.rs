@@ -1,4 +1,5 @@
-//! A job's private root disk: a copy of the image that shares no blocks the job could dirty.
+//! A private copy of a disk image that shares no blocks the copy's user could dirty: a job's
+//! root disk made from the base image, a snapshot's frozen disk, a restored VM's disk.
 //! A reflink (FICLONE) when the file system can (XFS, Btrfs: instant, copy-on-write);
 //! otherwise a sparse copy like `cp --sparse=always`: only the image's data extents are read,
 //! and zero blocks inside them are left as holes, so a 64 MiB image mostly empty costs little.

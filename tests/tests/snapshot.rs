@@ -1,0 +1,183 @@
+//! Snapshot and restore with Hopper's VMM, in a test host: a 2-vCPU guest whose workload
+//! counts in memory and appends each count to a file on its disk is snapshotted, stopped and
+//! restored in a new VMM process, several times in a row; the counting goes on without a gap
+//! or a repeat (memory and disk are from the same moment), the guest's uptime and clock go on,
+//! and its timers work. Damaged snapshots are refused and start nothing.
+
+use anyhow::{ensure, Context, Result};
+use hopper_tests::{
+    boot_guest, restore_guest, GuestVmm, MicrovmGuest, MicrovmOptions, TestHost, TestHostOptions,
+};
+use std::time::Duration;
+
+const READY: Duration = Duration::from_secs(90);
+const EXIT: Duration = Duration::from_secs(60);
+const CYCLES: usize = 3;
+
+fn guest_sh(host: &TestHost, vm: &MicrovmGuest, script: &str) -> Result<String> {
+    let out = vm.call(host, &["sh", "-c", script])?;
+    ensure!(
+        out.exit.success(),
+        "guest script failed ({}): {script}\n{}",
+        out.exit,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Uptime (s), wall clock (s) and the counts on disk: checks they are 1, 2, …, n.
+fn observe(host: &TestHost, vm: &MicrovmGuest) -> Result<(f64, u64, u64)> {
+    let out = guest_sh(
+        host,
+        vm,
+        "sync; cut -d' ' -f1 /proc/uptime; date +%s; \
+         awk 'NR != $1 {print \"gap at line \" NR \": \" $0; exit 1} END {print NR}' /root/progress",
+    )?;
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    let [uptime, clock, count] = fields[..] else {
+        anyhow::bail!("unexpected observation {out:?}");
+    };
+    Ok((uptime.parse()?, clock.parse()?, count.parse()?))
+}
+
+/// Snapshots `vm` into `dir` through its control socket; `resume` lets it run on.
+fn snapshot(host: &TestHost, vm: &MicrovmGuest, dir: &str, resume: bool) -> Result<String> {
+    let api = vm
+        .api_socket
+        .as_deref()
+        .context("a Hopper guest has a control socket")?;
+    let flag = if resume { "--resume" } else { "" };
+    Ok(host.sh(&format!(
+        "hopper-runner vm snapshot --socket {api} --to {dir} {flag}"
+    ))?)
+}
+
+#[test]
+fn snapshots_restore_in_a_new_process_and_the_guest_goes_on() -> Result<()> {
+    let host = TestHost::boot(TestHostOptions::default())?;
+    let mut vm = boot_guest(
+        &host,
+        &MicrovmOptions {
+            vmm: GuestVmm::Hopper,
+            name: "snap0".into(),
+            cpus: 2,
+            memory_mib: 512,
+            ..Default::default()
+        },
+    )?;
+    // The count lives in the shell's memory; each value goes to the disk as it is reached.
+    guest_sh(
+        &host,
+        &vm,
+        "(i=0; while :; do i=$((i+1)); echo $i >>/root/progress; sleep 0.2; done) \
+         </dev/null >/dev/null 2>&1 &",
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (mut uptime, mut clock, mut count) = observe(&host, &vm)?;
+    ensure!(count > 0, "the workload did not start");
+
+    for cycle in 1..=CYCLES {
+        let dir = format!("/tmp/snapshot{cycle}");
+        let reply = snapshot(&host, &vm, &dir, false)?;
+        ensure!(reply.contains(r#""ok":true"#), "snapshot {cycle}: {reply}");
+        ensure!(
+            vm.wait_exit(&host, EXIT)? == 0,
+            "the VMM did not stop after snapshot {cycle}"
+        );
+        println!("snapshot {cycle}: {}", reply.trim());
+
+        vm = restore_guest(&host, &dir, &format!("restored{cycle}"), READY)?;
+        println!(
+            "restore {cycle}: agent answered {:?} after the VMM started",
+            vm.ready_after
+        );
+        // Timers run: the workload's `sleep 0.2` goes on, and so does a fresh sleep.
+        guest_sh(&host, &vm, "sleep 1")?;
+        let (u, c, n) = observe(&host, &vm)?;
+        ensure!(
+            u >= uptime,
+            "cycle {cycle}: uptime went back from {uptime} to {u} (rebooted?)"
+        );
+        ensure!(
+            c >= clock,
+            "cycle {cycle}: the clock went back from {clock} to {c}"
+        );
+        ensure!(
+            n > count,
+            "cycle {cycle}: the workload stopped at {count} (now {n})"
+        );
+        (uptime, clock, count) = (u, c, n);
+    }
+
+    // A snapshot that lets the VM run on.
+    let reply = snapshot(&host, &vm, "/tmp/snapshot-live", true)?;
+    ensure!(
+        reply.contains(r#""state":"running""#),
+        "after --resume: {reply}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, _, n) = observe(&host, &vm)?;
+    ensure!(n > count, "the VM did not run on after a --resume snapshot");
+
+    refuses_damaged_snapshots(&host, "/tmp/snapshot1")?;
+
+    vm.poweroff(&host, EXIT)?;
+    ensure!(
+        vm.wait_exit(&host, EXIT)? == 0,
+        "VMM exit status after poweroff"
+    );
+    Ok(())
+}
+
+/// Damaged copies of the snapshot in `good` are refused with a clear error, and the attempt
+/// leaves no disk copy, socket or process behind.
+fn refuses_damaged_snapshots(host: &TestHost, good: &str) -> Result<()> {
+    let cases = [
+        ("truncated state", "head -c 200 {good}/vm.state >{bad}/vm.state", "truncated"),
+        (
+            "flipped byte",
+            "cp {good}/vm.state {bad}/ && printf '\\000' | dd of={bad}/vm.state bs=1 seek=300 conv=notrunc",
+            "checksum mismatch",
+        ),
+        (
+            "other format version",
+            "cp {good}/vm.state {bad}/ && printf '\\011' | dd of={bad}/vm.state bs=1 seek=8 conv=notrunc",
+            "format version 9",
+        ),
+        (
+            "truncated memory",
+            "cp {good}/vm.state {bad}/ && rm {bad}/memory && \
+             dd if=/dev/zero of={bad}/memory bs=4096 count=0 seek=1000",
+            "the memory file is 4096000 bytes",
+        ),
+    ];
+    for (what, damage, expected) in cases {
+        let bad = "/tmp/damaged";
+        let damage = damage.replace("{good}", good).replace("{bad}", bad);
+        let out = host.exec(&[
+            "sh",
+            "-c",
+            &format!(
+                "rm -rf {bad} && mkdir {bad} && ln -s {good}/memory {good}/disk.img {bad}/ && \
+                 {damage} 2>/dev/null && \
+                 hopper-runner vm restore --from {bad} --rootfs /tmp/damaged.ext4 \
+                 --agent-socket /tmp/damaged.sock --api-socket /tmp/damaged-api.sock"
+            ),
+        ])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.exit.success(), "{what}: the restore started");
+        ensure!(
+            stderr.contains(expected),
+            "{what}: error does not say {expected:?}: {stderr}"
+        );
+        let left = host.sh(
+            "ls /tmp/damaged.ext4 /tmp/damaged.sock /tmp/damaged-api.sock 2>/dev/null | wc -l; \
+             pgrep -f 'v[m] restore --from /tmp/damaged' | wc -l",
+        )?;
+        ensure!(
+            left.split_whitespace().all(|n| n == "0"),
+            "{what}: left behind: {left}"
+        );
+    }
+    Ok(())
+}
