@@ -104,6 +104,7 @@ pub fn spawn(
     }
     std::thread::Builder::new()
         .name("devices".into())
+        .stack_size(crate::vcpu::THREAD_STACK)
         .spawn(move || {
             while !gate.exiting() {
                 if let Err(e) = em.run() {

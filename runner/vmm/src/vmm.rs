@@ -342,6 +342,7 @@ impl Vmm {
             let id = vcpu.lock().unwrap().id;
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
+                .stack_size(crate::vcpu::THREAD_STACK)
                 .spawn(move || run::run_loop(vcpu, ctx))
                 .map_err(io("cannot start a vCPU thread"))?;
             threads.push(t);

@@ -31,6 +31,11 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
+/// Stack of the VMM's own threads (vCPUs, devices). Far more than they use, and below the
+/// 2 MiB of a huge page: a default 2 MiB stack that happens to be aligned (as the next mapping
+/// below the aligned guest RAM is) gets a whole huge page where THP is "always".
+pub const THREAD_STACK: usize = 512 << 10;
+
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("vCPU {id}: KVM call {call} failed: {source}")]
