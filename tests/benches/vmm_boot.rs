@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use hopper_tests::bench::{self, median};
 use hopper_tests::{boot_guest, GuestVmm, MicrovmOptions, TestHost, TestHostOptions};
 
 const GUEST_MIB: u32 = 256;
@@ -21,21 +22,8 @@ struct Samples {
     overhead_mib: Vec<f64>,
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
-}
-
 fn main() -> Result<()> {
-    let rounds: usize = std::env::var("HOPPER_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(5);
+    let rounds = bench::rounds(5);
     eprintln!("booting a test host…");
     let host = TestHost::boot(TestHostOptions::default())?;
     let mut hopper = Samples::default();

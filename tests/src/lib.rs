@@ -3,6 +3,7 @@
 //! tests/README.md and /work/shared/notes/nested-kvm.md for why guests are not tested on
 //! the machine's own /dev/kvm.
 
+pub mod bench;
 mod binaries;
 mod error;
 mod l1image;

@@ -37,6 +37,9 @@ pub struct MicrovmOptions {
     pub reuse_disk: bool,
     /// Appended to the kernel command line (e.g. `hopper.ip=…`).
     pub extra_cmdline: String,
+    /// QEMU only: take the guest from this migration source (`-incoming URI`) instead of
+    /// booting it; readiness is then the agent answering, with no init line to wait for.
+    pub incoming: Option<String>,
     pub ready_timeout: Duration,
 }
 
@@ -51,6 +54,7 @@ impl Default for MicrovmOptions {
             root_disk: true,
             reuse_disk: false,
             extra_cmdline: String::new(),
+            incoming: None,
             ready_timeout: Duration::from_secs(90),
         }
     }
@@ -85,7 +89,10 @@ pub fn boot_guest(host: &TestHost, opts: &MicrovmOptions) -> Result<MicrovmGuest
     if !opts.extra_cmdline.is_empty() {
         cmdline = format!("{cmdline} {}", opts.extra_cmdline);
     }
-    let extra = opts.extra_vmm_args.join(" ");
+    let mut extra = opts.extra_vmm_args.join(" ");
+    if let Some(uri) = &opts.incoming {
+        extra.push_str(&format!(" -incoming '{uri}'"));
+    }
     let api_socket = format!("{dir}/api.sock");
     let launch = match opts.vmm {
         GuestVmm::Qemu => {
@@ -129,7 +136,7 @@ t0=$(cut -d' ' -f1 /proc/uptime)
 {spawn}
 # Polls are slow in an emulated host: bound the wait by the clock, not by a count.
 deadline=$(awk -v t=$t0 'BEGIN{{print int(t + {timeout})}}')
-until grep -q '^{INIT_MARKER}' {dir}/console.log 2>/dev/null; do
+until {incoming} || grep -q '^{INIT_MARKER}' {dir}/console.log 2>/dev/null; do
   kill -0 $(cat {dir}/vmm.pid) 2>/dev/null || {{
     sleep 0.2; echo "the VMM exited during boot (status $(cat {dir}/exit_status 2>/dev/null); dmesg: $(dmesg | tail -n 5 | tr '\n' '|'))" >&2; exit 1; }}
   now=$(cut -d. -f1 /proc/uptime)
@@ -150,6 +157,7 @@ echo "$t0 $ti $t1""#,
         },
         timeout = opts.ready_timeout.as_secs_f64(),
         spawn = spawn_script(&dir, &launch),
+        incoming = opts.incoming.is_some(),
     );
     let guest = MicrovmGuest {
         name: opts.name.clone(),
@@ -159,28 +167,12 @@ echo "$t0 $ti $t1""#,
         init_after: Duration::ZERO,
         ready_after: Duration::ZERO,
     };
-    let out = host.exec(&["sh", "-c", &script])?;
-    if !out.exit.success() {
-        return Err(guest.error(
-            host,
-            format!(
-                "did not become ready ({}): {}",
-                out.exit,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let times: Vec<f64> = stdout
-        .split_whitespace()
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    let [t0, ti, t1] = times[..] else {
-        return Err(guest.error(host, format!("unexpected timing output {stdout:?}")));
+    let [init, ready] = guest.start(host, &script)?[..] else {
+        return Err(guest.error(host, "the start-up script printed no timings".into()));
     };
     Ok(MicrovmGuest {
-        init_after: Duration::from_secs_f64((ti - t0).max(0.0)),
-        ready_after: Duration::from_secs_f64((t1 - t0).max(0.0)),
+        init_after: init,
+        ready_after: ready,
         ..guest
     })
 }
@@ -230,32 +222,45 @@ echo \"$t0 $t1\"",
         socket = guest.socket,
         timeout = ready_timeout.as_secs_f64(),
     );
-    let out = host.exec(&["sh", "-c", &script])?;
-    if !out.exit.success() {
-        return Err(guest.error(
-            host,
-            format!(
-                "restored guest did not answer ({}): {}",
-                out.exit,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let times: Vec<f64> = stdout
-        .split_whitespace()
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    let [t0, t1] = times[..] else {
-        return Err(guest.error(host, format!("unexpected timing output {stdout:?}")));
+    let [ready] = guest.start(host, &script)?[..] else {
+        return Err(guest.error(host, "the start-up script printed no timings".into()));
     };
     Ok(MicrovmGuest {
-        ready_after: Duration::from_secs_f64((t1 - t0).max(0.0)),
+        ready_after: ready,
         ..guest
     })
 }
 
 impl MicrovmGuest {
+    /// Runs the script that starts this guest's VMM and waits for it; the script prints
+    /// uptime stamps, and the result is each later stamp's distance from the first.
+    fn start(&self, host: &TestHost, script: &str) -> Result<Vec<Duration>, HarnessError> {
+        let out = host.exec(&["sh", "-c", script])?;
+        if !out.exit.success() {
+            return Err(self.error(
+                host,
+                format!(
+                    "did not become ready ({}): {}",
+                    out.exit,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stamps: Vec<f64> = stdout
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map_err(|_| self.error(host, format!("unexpected timing output {stdout:?}")))?;
+        let Some((first, rest)) = stamps.split_first() else {
+            return Err(self.error(host, format!("unexpected timing output {stdout:?}")));
+        };
+        Ok(rest
+            .iter()
+            .map(|t| Duration::from_secs_f64((t - first).max(0.0)))
+            .collect())
+    }
+
     /// Runs a command in the guest through its agent; the result is the guest command's.
     pub fn call(&self, host: &TestHost, argv: &[&str]) -> Result<ExecOutput, HarnessError> {
         let mut full = vec![

@@ -245,7 +245,8 @@ fn bad_input_fails_clearly_and_leaves_nothing_behind() -> Result<()> {
 
     let leftovers = host.sh(
         "ls /bad/*.sock 2>/dev/null | wc -l; ip -o link show | grep -c hopbad0 || true; \
-         pgrep hopper-runner | wc -l; nft list tables | grep -c hopper_ || true",
+         grep -l -- 'hopper-runne[r]' /proc/[0-9]*/cmdline 2>/dev/null | wc -l; \
+         nft list tables | grep -c hopper_ || true",
     )?;
     ensure!(
         leftovers.split_whitespace().all(|n| n == "0"),

@@ -1,0 +1,161 @@
+//! Snapshot and restore with Hopper's VMM against QEMU's own save/restore (live migration
+//! into a file, then a new QEMU started with `-incoming` from it), in one nested test host,
+//! the same guest booted to its agent, alternating the two:
+//!
+//!   cargo bench -p hopper-tests --bench snapshot_restore     (HOPPER_BENCH_ROUNDS=3 by default)
+//!
+//! For a 256 MiB and a 2 GiB guest, medians of: the time to save, the bytes saved, and the
+//! restore latency (a new VMM process started from the saved state, until the guest's agent
+//! answers). Nested figures: only the ratios mean anything.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use hopper_tests::bench::{self, median};
+use hopper_tests::{
+    boot_guest, restore_guest, GuestVmm, MicrovmGuest, MicrovmOptions, TestHost, TestHostOptions,
+};
+
+const SIZES_MIB: [u32; 2] = [256, 2048];
+const READY: Duration = Duration::from_secs(120);
+/// QEMU's monitor, inside the test host.
+const MONITOR: &str = "127.0.0.1:4444";
+
+#[derive(Default)]
+struct Samples {
+    save_ms: Vec<f64>,
+    saved_mib: Vec<f64>,
+    restore_ms: Vec<f64>,
+}
+
+fn guest(vmm: GuestVmm, memory_mib: u32) -> MicrovmOptions {
+    MicrovmOptions {
+        vmm,
+        name: format!("{vmm:?}{memory_mib}").to_lowercase(),
+        memory_mib,
+        cpus: 1,
+        ready_timeout: READY,
+        ..Default::default()
+    }
+}
+
+/// Disk blocks a file really uses, in MiB (the snapshot's memory file is sparse).
+fn allocated_mib(host: &TestHost, path: &str) -> Result<f64> {
+    let kib: f64 = host
+        .sh(&format!("du -k {path} | cut -f1"))?
+        .trim()
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+fn hopper_round(host: &TestHost, memory_mib: u32, s: &mut Samples) -> Result<()> {
+    let vm = boot_guest(host, &guest(GuestVmm::Hopper, memory_mib))?;
+    let dir = "/tmp/bench-snapshot";
+    let api = vm
+        .api_socket
+        .as_deref()
+        .context("Hopper guests have a control socket")?;
+    let reply = host.sh(&format!(
+        "rm -rf {dir} && hopper-runner vm snapshot --socket {api} --to {dir}"
+    ))?;
+    let reply: serde_json::Value = serde_json::from_str(reply.trim())?;
+    let took = reply["snapshot"]["took_ms"]
+        .as_f64()
+        .with_context(|| format!("no snapshot summary in {reply}"))?;
+    vm.wait_exit(host, READY)?;
+    let restored = restore_guest(host, dir, "bench-restored", READY)?;
+    s.save_ms.push(took);
+    s.saved_mib
+        .push(allocated_mib(host, &format!("{dir}/memory"))?);
+    s.restore_ms
+        .push(restored.ready_after.as_secs_f64() * 1000.0);
+    restored.kill(host)?;
+    Ok(())
+}
+
+fn qemu_round(host: &TestHost, memory_mib: u32, s: &mut Samples) -> Result<()> {
+    let file = "/tmp/bench-qemu.state";
+    let mut opts = guest(GuestVmm::Qemu, memory_mib);
+    opts.extra_vmm_args = vec![format!("-monitor tcp:{MONITOR},server,nowait")];
+    let vm = boot_guest(host, &opts)?;
+    let (port_host, port) = MONITOR.split_once(':').expect("host:port");
+    // A live migration into a file; QEMU pauses the guest for its last pass and leaves it
+    // stopped, as a snapshot does. `info migrate` reports the time it took.
+    let status = host.sh(&format!(
+        "rm -f {file}; mon() {{ (echo \"$1\"; sleep 0.3) | nc {port_host} {port}; }}
+mon 'migrate -d \"exec:cat > {file}\"' >/dev/null
+for i in $(seq 1 600); do
+  out=$(mon 'info migrate')
+  case $out in *'status: completed'*) echo \"$out\"; exit 0 ;; *'status: failed'*) echo \"$out\"; exit 1 ;; esac
+  sleep 0.2
+done
+exit 1"
+    ))?;
+    let took: f64 = status
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("total time:"))
+        .and_then(|t| t.trim().trim_end_matches("ms").trim().parse().ok())
+        .with_context(|| format!("no total time in QEMU's migration status:\n{status}"))?;
+    vm.kill(host)?;
+    let mut again = opts.clone();
+    again.reuse_disk = true;
+    again.incoming = Some(format!("exec:cat {file}"));
+    let restored: MicrovmGuest = boot_guest(host, &again)?;
+    s.save_ms.push(took);
+    s.saved_mib.push(allocated_mib(host, file)?);
+    s.restore_ms
+        .push(restored.ready_after.as_secs_f64() * 1000.0);
+    restored.kill(host)?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let rounds = bench::rounds(3);
+    eprintln!("booting a test host…");
+    let host = TestHost::boot(TestHostOptions {
+        memory_mib: 4096,
+        ..Default::default()
+    })?;
+    let mut table = Vec::new();
+    for memory_mib in SIZES_MIB {
+        let (mut hopper, mut qemu) = (Samples::default(), Samples::default());
+        for round in 1..=rounds {
+            hopper_round(&host, memory_mib, &mut hopper)?;
+            qemu_round(&host, memory_mib, &mut qemu)?;
+            eprintln!(
+                "{memory_mib} MiB, round {round}/{rounds}: Hopper save {:.0} ms, {:.1} MiB, restore {:.0} ms; \
+                 QEMU save {:.0} ms, {:.1} MiB, restore {:.0} ms",
+                hopper.save_ms[round - 1],
+                hopper.saved_mib[round - 1],
+                hopper.restore_ms[round - 1],
+                qemu.save_ms[round - 1],
+                qemu.saved_mib[round - 1],
+                qemu.restore_ms[round - 1],
+            );
+        }
+        table.push((memory_mib, hopper, qemu));
+    }
+    if table.is_empty() {
+        bail!("no sizes measured");
+    }
+    println!("Snapshot/restore benchmark: {rounds} rounds per size, 1 vCPU, medians");
+    println!("| guest | | Hopper | QEMU | Hopper / QEMU |");
+    println!("|---|---|---|---|---|");
+    for (memory_mib, h, q) in &table {
+        for (what, hv, qv) in [
+            ("save (ms)", median(&h.save_ms), median(&q.save_ms)),
+            ("saved (MiB)", median(&h.saved_mib), median(&q.saved_mib)),
+            (
+                "restore → agent answers (ms)",
+                median(&h.restore_ms),
+                median(&q.restore_ms),
+            ),
+        ] {
+            println!(
+                "| {memory_mib} MiB | {what} | {hv:.0} | {qv:.0} | {:.2} |",
+                hv / qv
+            );
+        }
+    }
+    Ok(())
+}
