@@ -188,6 +188,7 @@ impl Vmm {
     /// created, and it is left as it was: the restored VM writes to a copy of its disk and
     /// keeps its memory changes private.
     pub fn restore(cfg: &RestoreConfig, console: SerialOutput) -> Result<Vmm, Error> {
+        let started = std::time::Instant::now();
         let state: MachineState =
             format::read(&cfg.from.join(persist::STATE_FILE)).map_err(PersistError::from)?;
         let memory_path = cfg.from.join(persist::MEMORY_FILE);
@@ -213,6 +214,7 @@ impl Vmm {
         persist::check_cpu(&offered, &state.vcpus[0].cpuid)?;
 
         let saved = &state.devices;
+        let disk_started = std::time::Instant::now();
         let rootfs = match (&saved.disk, &cfg.rootfs) {
             (Some(_), Some(path)) => {
                 let frozen = cfg.from.join(persist::DISK_FILE);
@@ -230,6 +232,7 @@ impl Vmm {
             }
             (None, _) => None,
         };
+        let disk_copy_ms = disk_started.elapsed().as_millis();
         if saved.agent && cfg.agent_socket.is_none() {
             return Err(Error::Restore(
                 "it has an agent channel: name its socket (--agent-socket)".into(),
@@ -280,6 +283,12 @@ impl Vmm {
                 return Err(e);
             }
         };
+        log::info!(
+            "restored from {} in {} ms (disk copied in {} ms)",
+            cfg.from.display(),
+            started.elapsed().as_millis(),
+            disk_copy_ms
+        );
         Self::assemble(
             vm,
             state.memory_mib,
