@@ -1,0 +1,306 @@
+//! What the job-path tests and benchmark share: the scheduler with a GitHub App whose API is
+//! the scheduler's own stand-in (scheduler/tests/common/github.rs, included as it is: it only
+//! serves operations of GitHub's OpenAPI description and checks the App JWT and installation
+//! tokens), real `workflow_job` payloads, and a runner host enrolled from a test host.
+
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context};
+use hopper_tests::{SchedulerProcess, TestHost, TestHostOptions};
+use serde_json::Value;
+
+/// The npm fixtures fetched by tests/setup.sh (scheduler/tests/fixtures/fetch.sh).
+fn octokit_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scheduler/tests/fixtures/node_modules/@octokit");
+    assert!(
+        dir.join("openapi/package.json").is_file()
+            && dir.join("webhooks-examples/package.json").is_file(),
+        "test fixtures missing in {}: run tests/setup.sh",
+        dir.display()
+    );
+    dir
+}
+
+/// GitHub's REST OpenAPI description, which github.rs takes from its parent module.
+fn openapi() -> &'static Value {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    DOC.get_or_init(|| {
+        let path = octokit_dir().join("openapi/generated/api.github.com.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    })
+}
+
+#[path = "../../../scheduler/tests/common/github.rs"]
+#[allow(dead_code)] // the scheduler's tests use more of it
+mod github;
+
+use github::{app_key, RemoteJob, StandIn};
+
+const APP_ID: u64 = 4242;
+const INSTALLATION_ID: u64 = 42;
+const WEBHOOK_SECRET: &str = "e2e-webhook-secret-5b7d";
+const ENROLL_SECRET: &str = "e2e-enroll-secret-8c2a";
+/// The runner host's data directory inside the test host.
+pub const DATA: &str = "/var/lib/hopper/runner";
+
+/// One test host at a time: they emulate their CPUs, and the machine has few cores.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A real `workflow_job` example from @octokit/webhooks-examples (the queued one with an
+/// installation), made into job `id` with `labels`, at the stand-in's installation.
+fn workflow_job(action: &str, id: u64, labels: &[&str]) -> Value {
+    static EXAMPLES: OnceLock<Value> = OnceLock::new();
+    let all = EXAMPLES.get_or_init(|| {
+        let path = octokit_dir().join("webhooks-examples/api.github.com/index.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    });
+    let mut ex = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "workflow_job")
+        .unwrap()["examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "queued" && e["installation"].is_object())
+        .expect("a queued workflow_job example")
+        .clone();
+    ex["action"] = action.into();
+    ex["workflow_job"]["id"] = id.into();
+    ex["workflow_job"]["labels"] = labels.iter().map(|l| Value::from(*l)).collect();
+    ex["workflow_job"]["status"] = action.into();
+    if action == "completed" {
+        ex["workflow_job"]["conclusion"] = "success".into();
+    }
+    ex["installation"] =
+        serde_json::json!({ "id": INSTALLATION_ID, "node_id": "MDIzOkludGVncmF0aW9uNDI=" });
+    ex
+}
+
+/// The scheduler with a GitHub App whose API is the stand-in, and a runner host enrolled from
+/// a test host.
+pub struct Setup {
+    _rt: tokio::runtime::Runtime,
+    pub github: StandIn,
+    pub scheduler: SchedulerProcess,
+    pub host: TestHost,
+    vcpus: u32,
+    memory_mb: u32,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    pub fn start(name: &str, vcpus: u32, memory_mb: u32) -> anyhow::Result<Setup> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let github = rt.block_on(StandIn::start(APP_ID, INSTALLATION_ID));
+        let dir = tempfile::tempdir()?;
+        let key = dir.path().join("app.pem");
+        std::fs::write(&key, &app_key().0)?;
+        std::fs::write(dir.path().join("enroll-secret"), ENROLL_SECRET)?;
+        let args: Vec<String> = vec![
+            "--github-api-url".into(),
+            github.url.clone(),
+            "--app-id".into(),
+            APP_ID.to_string(),
+            "--app-private-key".into(),
+            key.display().to_string(),
+            "--enroll-secret-file".into(),
+            dir.path().join("enroll-secret").display().to_string(),
+        ];
+        let scheduler = SchedulerProcess::start(dir.path(), WEBHOOK_SECRET, &args)?;
+        let host = TestHost::boot(TestHostOptions {
+            name: Some(name.into()),
+            ..Default::default()
+        })?;
+        host.write_file("/etc/hopper-enroll-secret", ENROLL_SECRET.as_bytes(), 0o600)?;
+        let setup = Setup {
+            _rt: rt,
+            github,
+            scheduler,
+            host,
+            vcpus,
+            memory_mb,
+            _dir: dir,
+        };
+        setup.start_runner()?;
+        setup
+            .scheduler
+            .wait_for("the runner host to enroll", Duration::from_secs(60), || {
+                let hosts = setup.scheduler.get_json("/api/v1/hosts")?;
+                Ok(hosts.as_array().is_some_and(|h| h.len() == 1).then_some(()))
+            })
+            .with_context(|| setup.runner_log())?;
+        Ok(setup)
+    }
+
+    /// Starts `hopper-runner host` in the test host (again, after [`Setup::kill_runner`]).
+    pub fn start_runner(&self) -> anyhow::Result<()> {
+        // Files for stdout/stderr: the agent's exec returns once nothing holds its pipes.
+        self.host.sh(&format!(
+            "mkdir -p {DATA} && (hopper-runner host --scheduler {url} --enroll-secret-file \
+             /etc/hopper-enroll-secret --data-dir {DATA} --images /guest --vcpus {vcpus} \
+             --memory-mb {memory_mb} --agent-timeout 150 </dev/null >>/tmp/runner-host.log 2>&1 & \
+             echo $! >/tmp/runner-host.pid)",
+            url = self.scheduler.url_from_test_host(),
+            vcpus = self.vcpus,
+            memory_mb = self.memory_mb,
+        ))?;
+        Ok(())
+    }
+
+    /// SIGKILLs the runner host daemon (its VMMs keep running, as after a daemon crash).
+    pub fn kill_runner(&self) -> anyhow::Result<()> {
+        self.host.sh("kill -9 $(cat /tmp/runner-host.pid)")?;
+        Ok(())
+    }
+
+    /// The daemon's log; when the test host cannot be asked (its kernel died, say), the end
+    /// of the host's own console instead, which the harness keeps outside it.
+    pub fn runner_log(&self) -> String {
+        match self.host.read_file("/tmp/runner-host.log") {
+            Ok(log) => format!("--- runner host log ---\n{}", String::from_utf8_lossy(&log)),
+            Err(e) => format!(
+                "--- runner host log unreadable: {e}\n--- test host console ---\n{}",
+                self.host.console_tail()
+            ),
+        }
+    }
+
+    /// Queues job `id` the way GitHub does: the stand-in's Actions API lists it, and a signed
+    /// delivery announces it.
+    pub fn queue(&self, id: u64, labels: &[&str]) -> anyhow::Result<()> {
+        self.github.state.jobs.lock().unwrap().push(RemoteJob {
+            id,
+            run_id: id + 1_000_000,
+            repository: "Codertocat/Hello-World".into(),
+            status: "queued".into(),
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+        });
+        let status = self.scheduler.deliver(
+            "workflow_job",
+            &format!("queued-{id}"),
+            &workflow_job("queued", id, labels),
+        )?;
+        ensure!(
+            status == 200,
+            "queued delivery for job {id} answered {status}"
+        );
+        Ok(())
+    }
+
+    /// GitHub's word that the job is done (its runner reported the result).
+    pub fn complete(&self, id: u64, labels: &[&str]) -> anyhow::Result<()> {
+        for j in self
+            .github
+            .state
+            .jobs
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter(|j| j.id == id)
+        {
+            j.status = "completed".into();
+        }
+        let status = self.scheduler.deliver(
+            "workflow_job",
+            &format!("completed-{id}"),
+            &workflow_job("completed", id, labels),
+        )?;
+        ensure!(
+            status == 200,
+            "completed delivery for job {id} answered {status}"
+        );
+        Ok(())
+    }
+
+    pub fn job(&self, id: u64) -> anyhow::Result<Value> {
+        Ok(self.scheduler.get_json(&format!("/api/v1/jobs/{id}"))?)
+    }
+
+    /// Waits until the host's final report for job `id` (`finished` or `failed`) is in.
+    pub fn wait_vm_done(&self, id: u64, timeout: Duration) -> anyhow::Result<Value> {
+        self.scheduler
+            .wait_for(&format!("job {id}'s VM to end"), timeout, || {
+                let job = self.scheduler.get_json(&format!("/api/v1/jobs/{id}"))?;
+                Ok(matches!(job["vm_state"].as_str(), Some("finished" | "failed")).then_some(job))
+            })
+            .with_context(|| self.runner_log())
+    }
+
+    /// The job's output as the scheduler serves it to operators, after checking that it is
+    /// what the host recorded (the scheduler only blanks out the JIT config, which the job
+    /// does not print).
+    pub fn job_log(&self, id: u64) -> anyhow::Result<String> {
+        let served = self
+            .scheduler
+            .get_text(&format!("/api/v1/jobs/{id}/logs/job"))?;
+        let on_host = self.host.read_file(&format!("{DATA}/logs/{id}/job.log"))?;
+        ensure!(
+            served.as_bytes() == on_host,
+            "job {id}'s log served by the scheduler differs from the host's:\n{served}"
+        );
+        Ok(served)
+    }
+
+    /// The JIT config the stand-in generated for the runner named `runner_name`.
+    pub fn jit_config_of(&self, runner_name: &str) -> anyhow::Result<String> {
+        let calls = self
+            .github
+            .requests_to("/repos/{owner}/{repo}/actions/runners/generate-jitconfig");
+        let index = calls
+            .iter()
+            .position(|r| r.body["name"] == runner_name)
+            .with_context(|| format!("no JIT config was generated for runner {runner_name}"))?;
+        Ok(self.github.state.jit_configs.lock().unwrap()[index].clone())
+    }
+
+    /// Number of VMM processes in the test host, and job work directories left.
+    pub fn leftovers(&self) -> anyhow::Result<(usize, usize)> {
+        // `[e]`: the pattern does not match this script's own command line.
+        let out = self.host.sh(&format!(
+            "grep -l -- --agent-sock[e]t /proc/[0-9]*/cmdline 2>/dev/null | wc -l; ls {DATA}/jobs | wc -l"
+        ))?;
+        let n: Vec<usize> = out
+            .split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        match n[..] {
+            [vmms, dirs] => Ok((vmms, dirs)),
+            _ => bail!("unexpected output {out:?}"),
+        }
+    }
+
+    /// Asserts that no VMM process and no job work directory is left (`what` names them in
+    /// the failure message). Counts once, so the message shows what the check saw.
+    pub fn assert_nothing_left(&self, what: &str) -> anyhow::Result<()> {
+        let left = self.leftovers()?;
+        ensure!(left == (0, 0), "{what} left: {left:?}");
+        Ok(())
+    }
+
+    /// Asserts that no secret of this run appears in the runner host's log.
+    pub fn assert_no_secrets_logged(&self) -> anyhow::Result<()> {
+        let log = self.runner_log();
+        ensure!(
+            !log.contains(ENROLL_SECRET),
+            "enrollment secret in the runner log"
+        );
+        ensure!(!log.contains("hht_"), "host token in the runner log");
+        for jit in self.github.state.jit_configs.lock().unwrap().iter() {
+            ensure!(
+                !log.contains(jit.as_str()),
+                "a JIT config in the runner log"
+            );
+        }
+        Ok(())
+    }
+}
