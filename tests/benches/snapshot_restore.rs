@@ -96,7 +96,7 @@ fn hopper_round(host: &TestHost, memory_mib: u32, s: &mut Samples) -> Result<()>
         .as_f64()
         .with_context(|| format!("no snapshot summary in {reply}"))?;
     vm.wait_exit(host, READY)?;
-    let restored = restore_guest(host, dir, "bench-restored", READY)?;
+    let restored = restore_guest(host, dir, "bench-restored", "", READY)?;
     s.save_ms.push(took);
     s.saved_mib
         .push(allocated_mib(host, &format!("{dir}/memory"))?);

@@ -190,11 +190,13 @@ while [ ! -s {dir}/vmm.pid ]; do sleep 0.01; done"
 }
 
 /// Starts Hopper's VMM from the snapshot in `from` (a directory in the test host) as guest
-/// `name`, on a copy of the snapshot's disk in /tmp/<name>, and waits for its agent.
+/// `name`, on a copy of the snapshot's disk in /tmp/<name>, with `extra_vmm_args` (e.g. the
+/// host side of its network), and waits for its agent.
 pub fn restore_guest(
     host: &TestHost,
     from: &str,
     name: &str,
+    extra_vmm_args: &str,
     ready_timeout: Duration,
 ) -> Result<MicrovmGuest, HarnessError> {
     let dir = format!("/tmp/{name}");
@@ -208,7 +210,8 @@ pub fn restore_guest(
     };
     let launch = format!(
         "hopper-runner vm restore --from {from} --rootfs {dir}/rootfs.ext4 \\
-  --agent-socket {socket} --api-socket {dir}/api.sock >{dir}/console.log 2>{dir}/vmm.log",
+  --agent-socket {socket} --api-socket {dir}/api.sock {extra_vmm_args} \\
+  >{dir}/console.log 2>{dir}/vmm.log",
         dir = guest.dir,
         socket = guest.socket,
     );

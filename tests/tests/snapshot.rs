@@ -1,8 +1,10 @@
-//! Snapshot and restore with Hopper's VMM, in a test host: a 2-vCPU guest whose workload
-//! counts in memory and appends each count to a file on its disk is snapshotted, stopped and
-//! restored in a new VMM process, several times in a row; the counting goes on without a gap
-//! or a repeat (memory and disk are from the same moment), the guest's uptime and clock go on,
-//! and its timers work. Damaged snapshots are refused and start nothing.
+//! Snapshot and restore with Hopper's VMM, in a test host: a 2-vCPU guest (one vCPU spinning)
+//! whose workload counts in memory, appends each count to a file on its disk and sends it over
+//! a TCP connection to a server on its host is snapshotted, stopped and restored in a new VMM
+//! process, several times in a row. The counting goes on without a gap or a repeat on the disk
+//! (memory and disk are from the same moment) and on the connection (which survives every
+//! restore), the guest's uptime and clock go on, and its timers work. Damaged snapshots are
+//! refused and start nothing.
 
 use anyhow::{ensure, Context, Result};
 use hopper_tests::{
@@ -12,7 +14,10 @@ use std::time::Duration;
 
 const READY: Duration = Duration::from_secs(90);
 const EXIT: Duration = Duration::from_secs(60);
-const CYCLES: usize = 3;
+const CYCLES: usize = 5;
+/// The guest's network: its TAP, the host's end (the server's address) and the guest's.
+const NET_VMM_ARGS: &str = "--tap hsnap0 --host-ip 172.16.0.1/30 --allow-host-port 9000";
+const NET_CMDLINE: &str = "hopper.ip=172.16.0.2/30 hopper.gw=172.16.0.1";
 
 fn guest_sh(host: &TestHost, vm: &MicrovmGuest, script: &str) -> Result<String> {
     let out = vm.call(host, &["sh", "-c", script])?;
@@ -62,15 +67,24 @@ fn snapshots_restore_in_a_new_process_and_the_guest_goes_on() -> Result<()> {
             name: "snap0".into(),
             cpus: 2,
             memory_mib: 512,
+            extra_vmm_args: NET_VMM_ARGS.split(' ').map(String::from).collect(),
+            extra_cmdline: NET_CMDLINE.into(),
             ..Default::default()
         },
     )?;
-    // The count lives in the shell's memory; each value goes to the disk as it is reached.
+    // The host's server keeps everything the connection brings.
+    // (Its input stays open: at end of input nc closes the connection, and the guest's ends.)
+    host.sh(
+        "(sleep 100000 </dev/null 2>/dev/null | nc -l -p 9000 >/tmp/received 2>/dev/null &)",
+    )?;
+    // The count lives in the shell's memory; each value goes to the disk and the connection
+    // as it is reached. Another loop keeps a vCPU busy.
     guest_sh(
         &host,
         &vm,
-        "(i=0; while :; do i=$((i+1)); echo $i >>/root/progress; sleep 0.2; done) \
-         </dev/null >/dev/null 2>&1 &",
+        "(while :; do :; done) </dev/null >/dev/null 2>&1 & \
+         (i=0; while :; do i=$((i+1)); echo $i >>/root/progress; echo $i; sleep 0.2; done \
+          | nc 172.16.0.1 9000) </dev/null >/dev/null 2>&1 &",
     )?;
     std::thread::sleep(Duration::from_secs(2));
     let (mut uptime, mut clock, mut count) = observe(&host, &vm)?;
@@ -86,7 +100,13 @@ fn snapshots_restore_in_a_new_process_and_the_guest_goes_on() -> Result<()> {
         );
         println!("snapshot {cycle}: {}", reply.trim());
 
-        vm = restore_guest(&host, &dir, &format!("restored{cycle}"), READY)?;
+        vm = restore_guest(
+            &host,
+            &dir,
+            &format!("restored{cycle}"),
+            NET_VMM_ARGS,
+            READY,
+        )?;
         println!(
             "restore {cycle}: agent answered {:?} after the VMM started",
             vm.ready_after
@@ -118,6 +138,16 @@ fn snapshots_restore_in_a_new_process_and_the_guest_goes_on() -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let (_, _, n) = observe(&host, &vm)?;
     ensure!(n > count, "the VM did not run on after a --resume snapshot");
+
+    // The connection carried every count, in order, across all the restores.
+    let received = host.sh(
+        "awk 'NR != $1 {print \"gap at line \" NR \": \" $0; exit 1} END {print NR}' /tmp/received",
+    )?;
+    let sent: u64 = received.trim().parse()?;
+    ensure!(
+        sent >= count,
+        "the connection carried {sent} counts, the disk has {count}"
+    );
 
     refuses_damaged_snapshots(&host, "/tmp/snapshot1")?;
 

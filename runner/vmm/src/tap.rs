@@ -10,6 +10,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const ARPHRD_ETHER: u16 = 1;
 const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
 const IFF_VNET_HDR: i16 = 0x4000;
@@ -21,6 +22,15 @@ struct IfReq {
     name: [u8; libc::IFNAMSIZ],
     flags: i16,
     _pad: [u8; 22],
+}
+
+/// `struct ifreq` holding a hardware address.
+#[repr(C)]
+struct IfReqHwAddr {
+    name: [u8; libc::IFNAMSIZ],
+    family: u16,
+    data: [u8; 14],
+    _pad: [u8; 8],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +118,27 @@ impl Tap {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Sets the host side's MAC address.
+    pub fn set_mac(&self, mac: [u8; 6]) -> Result<(), TapError> {
+        let mut req = IfReqHwAddr {
+            name: [0; libc::IFNAMSIZ],
+            family: ARPHRD_ETHER,
+            data: [0; 14],
+            _pad: [0; 8],
+        };
+        req.name[..self.name.len()].copy_from_slice(self.name.as_bytes());
+        req.data[..6].copy_from_slice(&mac);
+        ioctl(
+            self.file.as_raw_fd(),
+            libc::SIOCSIFHWADDR,
+            &req as *const IfReqHwAddr as *const libc::c_void,
+        )
+        .map_err(|source| TapError::Configure {
+            name: self.name.clone(),
+            source,
+        })
     }
 
     pub fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {

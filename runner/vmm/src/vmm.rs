@@ -456,6 +456,7 @@ fn create_devices(
     }
     if let Some(net) = &spec.net {
         let tap = Tap::open(&net.tap)?;
+        tap.set_mac(crate::devices::virtio::net::host_side_mac(net.mac))?;
         let dev = Net::new(tap, net.mac, virtio.next_interrupt()?, mem.clone())
             .map_err(io("cannot create virtio-net"))?;
         virtio.attach(Arc::new(Mutex::new(dev)))?;

@@ -19,6 +19,17 @@ const MAX_FRAME: usize = 65_562;
 
 const TOKEN_TAP: u32 = FIRST_DEVICE_TOKEN;
 
+/// The MAC address of the host's end of a guest's TAP, derived from the guest's: the same
+/// wherever and whenever the guest's TAP is created (after a restore, on another host), so the
+/// guest's ARP entry for its gateway stays right. A fresh TAP would get a random address, and
+/// the host would drop the guest's frames as meant for another machine until the guest asked
+/// again. It differs from the guest's in one bit and stays unicast and locally administered.
+pub fn host_side_mac(guest: [u8; 6]) -> [u8; 6] {
+    let mut host = guest;
+    host[0] = ((guest[0] ^ 0x04) | 0x02) & !0x01;
+    host
+}
+
 pub struct Net {
     common: VirtioCommon,
     tap: Tap,
@@ -174,6 +185,26 @@ impl MutEventSubscriber for Net {
         } else if queue.is_none() {
             // Frames for a guest whose driver is not up yet are dropped, as a NIC would.
             while self.tap.read_frame(&mut self.rx_buf).is_ok() {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_side_mac_is_stable_unicast_local_and_not_the_guests() {
+        for guest in [
+            [6, 0, 0xac, 0x10, 0, 2],
+            [0x02, 1, 2, 3, 4, 5],
+            [0x52, 0x54, 0, 1, 2, 3],
+        ] {
+            let host = host_side_mac(guest);
+            assert_ne!(host, guest);
+            assert_eq!(host, host_side_mac(guest));
+            assert_eq!(host[0] & 0x03, 0x02, "{host:x?}");
+            assert_eq!(host[1..], guest[1..]);
         }
     }
 }
