@@ -17,6 +17,11 @@ pub struct Cli {
 pub enum Command {
     /// Serve the webhook endpoint, the host API and the operator API.
     Serve(ServeArgs),
+    /// Start the whole path on this machine: the scheduler with local defaults and one runner
+    /// host next to it (in a nested test host when this machine's KVM cannot run guests).
+    /// Without a GitHub App this is local mode: jobs are submitted to POST /api/v1/jobs (or
+    /// --demo runs one); with --app-id and --app-private-key it serves GitHub's webhooks.
+    Up(UpArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -27,12 +32,26 @@ pub struct ServeArgs {
     /// Directory of the embedded SQLite store and of the jobs' logs; created if missing.
     #[arg(long, env = "HOPPER_DATA_DIR", default_value = "/var/lib/hopper")]
     pub data_dir: PathBuf,
-    /// Database URL overriding --data-dir (sqlite://PATH).
-    #[arg(long, env = "HOPPER_DATABASE")]
-    pub database: Option<String>,
     /// File holding the GitHub App's webhook secret.
     #[arg(long, env = "HOPPER_WEBHOOK_SECRET_FILE")]
     pub webhook_secret_file: PathBuf,
+    /// File holding the shared secret runner hosts enroll with. Without it, enrollment is off.
+    #[arg(long, env = "HOPPER_ENROLL_SECRET_FILE")]
+    pub enroll_secret_file: Option<PathBuf>,
+    /// Without a GitHub App, accept jobs submitted to POST /api/v1/jobs (local mode, what
+    /// `up` runs). Off by default: whoever reaches the API could then run jobs on the hosts.
+    #[arg(long, env = "HOPPER_LOCAL_JOBS")]
+    pub local_jobs: bool,
+    #[command(flatten)]
+    pub options: SchedulerOptions,
+}
+
+/// What `serve` and `up` share.
+#[derive(Debug, Clone, Args)]
+pub struct SchedulerOptions {
+    /// Database URL overriding --data-dir (sqlite://PATH).
+    #[arg(long, env = "HOPPER_DATABASE")]
+    pub database: Option<String>,
     /// GitHub REST API base URL (GitHub Enterprise: https://HOST/api/v3).
     #[arg(
         long,
@@ -40,7 +59,8 @@ pub struct ServeArgs {
         default_value = "https://api.github.com"
     )]
     pub github_api_url: String,
-    /// GitHub App id. Without an App, jobs are recorded but never placed.
+    /// GitHub App id. Without an App, GitHub's jobs are recorded but not placed; `up` (or
+    /// `serve --local-jobs`) then runs jobs submitted to POST /api/v1/jobs (local mode).
     #[arg(long, env = "HOPPER_APP_ID", requires = "app_private_key")]
     pub app_id: Option<u64>,
     /// PEM file with the GitHub App's private key.
@@ -49,9 +69,6 @@ pub struct ServeArgs {
     /// Label prefix that marks Hopper's jobs.
     #[arg(long, env = "HOPPER_LABEL_PREFIX", default_value = "hopper", value_parser = parse_prefix)]
     pub label_prefix: String,
-    /// File holding the shared secret runner hosts enroll with. Without it, enrollment is off.
-    #[arg(long, env = "HOPPER_ENROLL_SECRET_FILE")]
-    pub enroll_secret_file: Option<PathBuf>,
     /// Register JIT runners at the organization level instead of the repository.
     #[arg(long, env = "HOPPER_ORG_RUNNERS")]
     pub org_runners: bool,
@@ -64,6 +81,67 @@ pub struct ServeArgs {
     /// A host silent for this long is marked lost, and its jobs with it.
     #[arg(long, env = "HOPPER_HOST_LOST_AFTER", default_value = "60s", value_parser = parse_duration)]
     pub host_lost_after: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    /// Address to listen on. The runner host reaches the scheduler through this machine's
+    /// loopback, so it must be 127.0.0.1 or 0.0.0.0; 0.0.0.0 also opens the operator API (no
+    /// authentication; in local mode it runs submitted jobs) to the network.
+    #[arg(long, env = "HOPPER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Directory of the store, the jobs' logs, the generated secrets, the runner host's state
+    /// and the logs of both; created (mode 0700) if missing.
+    #[arg(long, env = "HOPPER_DATA_DIR", default_value = ".hopper")]
+    pub data_dir: PathBuf,
+    /// File holding the webhook secret (default: <data-dir>/webhook-secret, generated if
+    /// missing; give it to the GitHub App).
+    #[arg(long, env = "HOPPER_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// File holding the enrollment secret (default: <data-dir>/enroll-secret, generated if
+    /// missing; other runner hosts may enroll with it too).
+    #[arg(long, env = "HOPPER_ENROLL_SECRET_FILE")]
+    pub enroll_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub options: SchedulerOptions,
+    /// The runner host to start: `auto` (`direct` when this machine's KVM can run guests,
+    /// otherwise `testhost`), `direct` (hopper-runner host on this machine; needs root),
+    /// `testhost` (hopper-runner host inside a nested QEMU test host) or `none`.
+    #[arg(long, value_enum, default_value_t = RunnerMode::Auto)]
+    pub runner: RunnerMode,
+    /// Guest images of a direct runner host (vmlinuz, initramfs.cpio.gz, rootfs.ext4, as
+    /// made by images/build.sh). A test host carries its own copy.
+    #[arg(long, default_value = ".cache/images")]
+    pub images: PathBuf,
+    /// vCPUs the runner host offers to jobs (default: all CPUs when direct, 2 in a test host).
+    #[arg(long)]
+    pub host_vcpus: Option<u32>,
+    /// Memory in MiB the runner host offers to jobs (default: all but 1 GiB when direct, 4096
+    /// in a test host).
+    #[arg(long)]
+    pub host_memory_mb: Option<u32>,
+    /// The hopper-runner binary of a direct runner host (default: next to this executable).
+    #[arg(long)]
+    pub runner_bin: Option<PathBuf>,
+    /// The hopper-testhost binary (default: next to this executable; built by `cargo build
+    /// --release -p hopper-tests --bins`).
+    #[arg(long)]
+    pub testhost_bin: Option<PathBuf>,
+    /// Run one demo job once the runner host has enrolled, show its progress and its log, then
+    /// stop everything; the exit status says whether the job succeeded. Local mode only.
+    #[arg(long, conflicts_with = "app_id")]
+    pub demo: bool,
+    /// How long --demo may take in all, the runner host's set-up included.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub demo_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunnerMode {
+    Auto,
+    Direct,
+    Testhost,
+    None,
 }
 
 /// Parses `500ms`, `30s`, `5m`, `1h`.

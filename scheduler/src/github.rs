@@ -426,7 +426,7 @@ impl GitHub {
 }
 
 /// Checks "owner/name" so it can go into a URL path as is.
-fn split_repository(full: &str) -> Result<(&str, &str), GitHubError> {
+pub(crate) fn split_repository(full: &str) -> Result<(&str, &str), GitHubError> {
     let ok = |s: &str| {
         !s.is_empty()
             && s.bytes()

@@ -138,23 +138,35 @@ impl VmState {
         previous.is_none_or(|p| p == self || self.rank() > p.rank())
     }
 
-    /// The job state a VM report implies, if any.
-    pub fn job_state(self) -> Option<JobState> {
+    /// The job state a VM report implies for a GitHub job (`local: false`) or a local job.
+    pub fn job_state(self, local: bool) -> Option<JobState> {
         match self {
             VmState::Starting => None,
             VmState::Running => Some(JobState::Running),
-            // The job's end is GitHub's to say (a `completed` webhook); the VM ending only
-            // frees the host.
-            VmState::Finished => None,
+            // A GitHub job's end is GitHub's to say (a `completed` webhook); the VM ending
+            // only frees the host. A local job has no one else to say it: its VM ending with
+            // the job command's success is its end.
+            VmState::Finished => local.then_some(JobState::Completed),
             VmState::Failed => Some(JobState::Failed),
         }
     }
 }
 
+/// Jobs submitted in local mode (`POST /api/v1/jobs`) are numbered from here up. GitHub's
+/// workflow_job ids are around 10^10 and grow by about that much a year, so they stay far
+/// below; the range also stays below 2^53, so the ids survive JSON readers that use doubles.
+pub const LOCAL_JOB_ID_BASE: u64 = 9_000_000_000_000_000;
+const _: () = assert!(LOCAL_JOB_ID_BASE < 1 << 53);
+
+/// Whether a job id is in the range of local jobs (see [`LOCAL_JOB_ID_BASE`]).
+pub fn is_local_job_id(id: u64) -> bool {
+    id > LOCAL_JOB_ID_BASE
+}
+
 /// A job as the store keeps it and the operator API shows it. Holds no secrets.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
-    /// GitHub's workflow_job id.
+    /// GitHub's workflow_job id, or a local job's id (above [`LOCAL_JOB_ID_BASE`]).
     pub id: u64,
     pub run_id: u64,
     pub run_attempt: u32,
@@ -176,6 +188,13 @@ pub struct Job {
     pub created_at: i64,
     pub assigned_at: Option<i64>,
     pub updated_at: i64,
+}
+
+impl Job {
+    /// Submitted in local mode rather than queued by GitHub.
+    pub fn is_local(&self) -> bool {
+        is_local_job_id(self.id)
+    }
 }
 
 #[cfg(test)]
@@ -210,5 +229,16 @@ mod tests {
         assert!(!VmState::Starting.can_follow(Some(VmState::Running)));
         assert!(!VmState::Failed.can_follow(Some(VmState::Finished)));
         assert!(VmState::Starting.can_follow(None));
+    }
+
+    #[test]
+    fn only_a_local_job_ends_with_its_vm() {
+        assert_eq!(VmState::Finished.job_state(false), None);
+        assert_eq!(VmState::Finished.job_state(true), Some(JobState::Completed));
+        for local in [false, true] {
+            assert_eq!(VmState::Failed.job_state(local), Some(JobState::Failed));
+            assert_eq!(VmState::Running.job_state(local), Some(JobState::Running));
+        }
+        assert!(!is_local_job_id(LOCAL_JOB_ID_BASE) && is_local_job_id(LOCAL_JOB_ID_BASE + 1));
     }
 }

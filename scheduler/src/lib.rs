@@ -1,5 +1,6 @@
 //! Hopper's control plane: GitHub App webhook intake, durable job store, placement of jobs on
-//! runner hosts with just-in-time runner configs, the host API and the operator API.
+//! runner hosts with just-in-time runner configs, the host API and the operator API; and the
+//! local mode (`up`), which runs all of it and a runner host on one machine without GitHub.
 
 pub mod api;
 pub mod config;
@@ -7,12 +8,15 @@ pub mod github;
 pub mod joblogs;
 pub mod jobs;
 pub mod labels;
+pub mod localjobs;
 pub mod metrics;
 pub mod placement;
 pub mod redact;
+pub mod runners;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod up;
 pub mod webhook;
 
 /// Milliseconds since the Unix epoch: the store's time unit.

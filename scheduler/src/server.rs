@@ -1,6 +1,6 @@
 //! Wiring: the shared state, the HTTP server and the background loops (placement, lost-host
-//! watch, reconciliation with GitHub). `Scheduler::start` is reusable by a local mode that runs
-//! the scheduler next to a runner in one process.
+//! watch, reconciliation with GitHub, runner clean-up). `Scheduler::start` is shared by
+//! `serve` and `up` (the local mode, which runs more next to it in the same process).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,6 +18,7 @@ use crate::joblogs::JobLogs;
 use crate::jobs::JobState;
 use crate::metrics::Metrics;
 use crate::placement;
+use crate::runners::Runners;
 use crate::secret::Secret;
 use crate::store::{self, JobChange, Store};
 use crate::webhook::payload::{JobAction, WorkflowJob};
@@ -36,7 +37,7 @@ pub struct AppState {
     pub webhook_secret: Secret,
     pub enroll_secret: Option<Secret>,
     pub label_prefix: String,
-    pub github: Option<Arc<GitHub>>,
+    pub runners: Runners,
     pub host_lost_after: Duration,
     /// Wakes the placement loop: a new job or freed capacity.
     pub placement_wake: Notify,
@@ -54,6 +55,23 @@ impl AppState {
         tokio::task::spawn_blocking(move || f(store.as_ref()))
             .await
             .expect("store calls do not panic")
+    }
+
+    /// An in-memory store, webhook secret `s`, no enrollment, no GitHub App, no log directory.
+    #[cfg(test)]
+    pub fn for_tests() -> Arc<AppState> {
+        Arc::new(AppState {
+            store: Arc::new(crate::store::SqliteStore::in_memory().unwrap()),
+            logs: Arc::new(JobLogs::new("/nonexistent".into())),
+            metrics: Metrics::default(),
+            webhook_secret: Secret::new("s"),
+            enroll_secret: None,
+            label_prefix: "hopper".into(),
+            runners: Runners::new(None, true),
+            host_lost_after: Duration::from_secs(60),
+            placement_wake: Notify::new(),
+            assignments: Notify::new(),
+        })
     }
 
     /// Runs blocking work on the job logs (file I/O, redaction) off the async workers.
@@ -77,8 +95,8 @@ pub struct Scheduler {
 impl Scheduler {
     /// Opens the store, reads the secrets, builds the GitHub client and binds the listener.
     pub async fn start(args: &ServeArgs) -> anyhow::Result<Scheduler> {
-        let store =
-            store::open(args.database.as_deref(), &args.data_dir).context("opening the store")?;
+        let store = store::open(args.options.database.as_deref(), &args.data_dir)
+            .context("opening the store")?;
         let webhook_secret = Secret::from_file(&args.webhook_secret_file).with_context(|| {
             format!(
                 "reading --webhook-secret-file {}",
@@ -93,21 +111,22 @@ impl Scheduler {
                     .with_context(|| format!("reading --enroll-secret-file {}", p.display()))
             })
             .transpose()?;
-        let github = match (args.app_id, &args.app_private_key) {
+        let options = &args.options;
+        let github = match (options.app_id, &options.app_private_key) {
             (Some(app_id), Some(key_file)) => {
                 let pem = std::fs::read(key_file)
                     .with_context(|| format!("reading --app-private-key {}", key_file.display()))?;
-                let scope = if args.org_runners {
+                let scope = if options.org_runners {
                     RunnerScope::Organization
                 } else {
                     RunnerScope::Repository
                 };
                 Some(Arc::new(GitHub::new(
-                    &args.github_api_url,
+                    &options.github_api_url,
                     app_id,
                     &pem,
                     scope,
-                    args.runner_group_id,
+                    options.runner_group_id,
                 )?))
             }
             _ => None,
@@ -122,21 +141,26 @@ impl Scheduler {
             metrics: Metrics::default(),
             webhook_secret,
             enroll_secret,
-            label_prefix: args.label_prefix.clone(),
-            github,
-            host_lost_after: args.host_lost_after,
+            label_prefix: options.label_prefix.clone(),
+            runners: Runners::new(github, args.local_jobs),
+            host_lost_after: options.host_lost_after,
             placement_wake: Notify::new(),
             assignments: Notify::new(),
         });
         Ok(Scheduler {
             state,
             listener,
-            reconcile_interval: args.reconcile_interval,
+            reconcile_interval: options.reconcile_interval,
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The state the routes and loops share, for what runs beside them (`up`).
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
     }
 
     /// Serves until `shutdown` resolves.
@@ -145,8 +169,10 @@ impl Scheduler {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let state = self.state;
-        if state.github.is_none() {
-            tracing::warn!("no GitHub App configured (--app-id, --app-private-key): jobs are recorded but not placed");
+        if state.runners.local_mode() {
+            tracing::warn!("no GitHub App configured (--app-id, --app-private-key): local mode; jobs submitted to POST /api/v1/jobs run, GitHub's are recorded but not placed");
+        } else if state.runners.github().is_none() {
+            tracing::warn!("no GitHub App configured (--app-id, --app-private-key) and no --local-jobs: jobs are recorded but none is placed");
         }
         if state.enroll_secret.is_none() {
             tracing::warn!("no --enroll-secret-file: runner hosts cannot enroll");
@@ -154,14 +180,8 @@ impl Scheduler {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(lost_host_loop(state.clone()));
         tasks.spawn(prune_loop(state.clone()));
-        if let Some(github) = state.github.clone() {
-            tasks.spawn(placement_loop(state.clone(), github.clone()));
-            tasks.spawn(reconcile_loop(
-                state.clone(),
-                github,
-                self.reconcile_interval,
-            ));
-        }
+        tasks.spawn(placement_loop(state.clone()));
+        tasks.spawn(reconcile_loop(state.clone(), self.reconcile_interval));
         let app = crate::api::router(state);
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
@@ -181,7 +201,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     scheduler.run(shutdown_signal()).await
 }
 
-async fn shutdown_signal() {
+/// Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing the SIGTERM handler");
@@ -192,7 +213,7 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-async fn placement_loop(state: Arc<AppState>, github: Arc<GitHub>) {
+async fn placement_loop(state: Arc<AppState>) {
     let mut not_before: HashMap<u64, Instant> = HashMap::new();
     loop {
         tokio::select! {
@@ -211,16 +232,17 @@ async fn placement_loop(state: Arc<AppState>, github: Arc<GitHub>) {
         };
         let now = Instant::now();
         not_before.retain(|_, t| *t > now);
-        queue.retain(|j| !not_before.contains_key(&j.id));
+        // Jobs no runner can be registered for (GitHub's, without an App) take no room.
+        queue.retain(|j| !not_before.contains_key(&j.id) && state.runners.can_register(j));
         for (job_id, host_id) in placement::plan(&queue, &hosts) {
             let Some(job) = queue.iter().find(|j| j.id == job_id) else {
                 continue;
             };
             let runner_name = format!("hopper-{}-{:04x}", job.id, rand::random::<u16>());
-            let grant = match github.generate_jitconfig(job, &runner_name).await {
+            let grant = match state.runners.register(job, &runner_name).await {
                 Ok(g) => g,
                 Err(e) => {
-                    tracing::error!(job = job.id, repository = %job.repository, error = %e, "cannot get a JIT runner config; the job stays queued");
+                    tracing::error!(job = job.id, repository = %job.repository, error = %e, "cannot get a runner config; the job stays queued");
                     not_before.insert(job.id, Instant::now() + JIT_RETRY_DELAY);
                     continue;
                 }
@@ -235,13 +257,14 @@ async fn placement_loop(state: Arc<AppState>, github: Arc<GitHub>) {
                 }
                 Ok(false) => {
                     // The job moved on (completed, cancelled) or its host was lost while we
-                    // asked GitHub; if the job is still queued, the next round places it again.
+                    // asked for the runner; if the job is still queued, the next round places
+                    // it again.
                     tracing::info!(
                         job = job.id,
                         host = %host_id,
                         "job left the queue or its host was lost during placement; removing its unused runner"
                     );
-                    if let Err(e) = github.remove_runner(job, grant.runner_id).await {
+                    if let Err(e) = state.runners.remove(job, grant.runner_id).await {
                         tracing::warn!(job = job.id, error = %e, "cannot remove unused runner");
                     }
                 }
@@ -281,16 +304,19 @@ async fn prune_loop(state: Arc<AppState>) {
     }
 }
 
-async fn reconcile_loop(state: Arc<AppState>, github: Arc<GitHub>, interval: Duration) {
+async fn reconcile_loop(state: Arc<AppState>, interval: Duration) {
     loop {
         tokio::time::sleep(interval).await;
-        reconcile_once(&state, &github).await;
+        if let Some(github) = state.runners.github() {
+            reconcile_with_github(&state, github).await;
+        }
+        remove_finished_runners(&state).await;
     }
 }
 
-/// Catches what webhooks missed: queued jobs GitHub knows and we do not, jobs we think are
-/// pending that GitHub finished, and runners of finished jobs that are still registered.
-pub async fn reconcile_once(state: &Arc<AppState>, github: &GitHub) {
+/// Catches what webhooks missed: queued jobs GitHub knows and we do not, and jobs we think are
+/// pending that GitHub finished.
+async fn reconcile_with_github(state: &Arc<AppState>, github: &GitHub) {
     match github.queued_jobs().await {
         Ok(remote) => {
             for (installation_id, repository, rj) in remote {
@@ -339,7 +365,8 @@ pub async fn reconcile_once(state: &Arc<AppState>, github: &GitHub) {
         tracing::error!(error = %e, "reconciliation cannot read the store");
         Vec::new()
     });
-    for job in pending {
+    // GitHub does not know local jobs (a local-mode data directory served with an App later).
+    for job in pending.into_iter().filter(|j| !j.is_local()) {
         let remote = match github.job(&job).await {
             Ok(Some(r)) => r,
             Ok(None) => continue,
@@ -377,7 +404,10 @@ pub async fn reconcile_once(state: &Arc<AppState>, github: &GitHub) {
             );
         }
     }
+}
 
+/// Removes the runner registrations of finished jobs that are still registered.
+async fn remove_finished_runners(state: &Arc<AppState>) {
     let finished = state
         .store(|s| s.runners_to_remove())
         .await
@@ -385,11 +415,14 @@ pub async fn reconcile_once(state: &Arc<AppState>, github: &GitHub) {
             tracing::error!(error = %e, "runner cleanup cannot read the store");
             Vec::new()
         });
-    for job in finished {
+    for job in finished
+        .into_iter()
+        .filter(|j| state.runners.can_register(j))
+    {
         let Some(runner_id) = job.runner_id else {
             continue;
         };
-        match github.remove_runner(&job, runner_id).await {
+        match state.runners.remove(&job, runner_id).await {
             Ok(Removal::Gone) => {
                 let id = job.id;
                 if let Err(e) = state.store(move |s| s.runner_removed(id)).await {

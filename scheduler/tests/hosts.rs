@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::github::{app_key, forged_jwt_rejected, RemoteJob, StandIn};
+use common::host::HostClient;
 use common::{
     metric, workflow_job, Scheduler, APP_ID, ENROLL_SECRET, INSTALLATION_ID, WEBHOOK_SECRET,
 };
@@ -39,81 +40,6 @@ async fn setup(extra: &[&str]) -> Setup {
     args.extend_from_slice(extra);
     let s = Scheduler::start(dir.path(), &args);
     Setup { s, gh, _dir: dir }
-}
-
-struct HostClient {
-    url: String,
-    token: String,
-    id: String,
-    http: reqwest::Client,
-}
-
-impl HostClient {
-    async fn enroll(s: &Scheduler, name: &str, vcpus: u32, memory_mb: u64) -> HostClient {
-        let http = reqwest::Client::new();
-        let resp = http
-            .post(format!("{}/api/v1/hosts/enroll", s.url))
-            .bearer_auth(ENROLL_SECRET)
-            .json(&json!({ "name": name, "vcpus": vcpus, "memory_mb": memory_mb, "labels": [], "address": "10.1.2.3:7000" }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 201);
-        let v: Value = resp.json().await.unwrap();
-        assert!(v["heartbeat_interval_s"].as_u64().unwrap() >= 1);
-        HostClient {
-            url: s.url.clone(),
-            token: v["token"].as_str().unwrap().to_string(),
-            id: v["host"]["id"].as_str().unwrap().to_string(),
-            http,
-        }
-    }
-
-    async fn heartbeat(&self) -> reqwest::StatusCode {
-        self.http
-            .post(format!("{}/api/v1/host/heartbeat", self.url))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    }
-
-    /// Long-polls; `None` on 204.
-    async fn assignment(&self, wait_s: u64) -> Option<Value> {
-        let resp = self
-            .http
-            .get(format!("{}/api/v1/host/assignment?wait={wait_s}", self.url))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
-        match resp.status().as_u16() {
-            204 => None,
-            200 => Some(resp.json().await.unwrap()),
-            other => panic!("assignment: {other}"),
-        }
-    }
-
-    async fn upload_log(&self, job: u64, name: &str, log: Vec<u8>) -> reqwest::Response {
-        self.http
-            .put(format!("{}/api/v1/host/jobs/{job}/logs/{name}", self.url))
-            .bearer_auth(&self.token)
-            .body(log)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn report(&self, job: u64, vm_state: &str) -> reqwest::Response {
-        self.http
-            .post(format!("{}/api/v1/host/jobs/{job}/status", self.url))
-            .bearer_auth(&self.token)
-            .json(&json!({ "vm_state": vm_state }))
-            .send()
-            .await
-            .unwrap()
-    }
 }
 
 fn body(v: &Value) -> Vec<u8> {
@@ -493,7 +419,8 @@ async fn reconciliation_picks_up_what_webhooks_missed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn openapi_document_matches_the_routes() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Scheduler::start(dir.path(), &[]);
+    // Local jobs on: job submission, documented too, is then served.
+    let s = Scheduler::start(dir.path(), &["--local-jobs"]);
     let doc = s.get_json("/api/v1/openapi.json").await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     let mut documented: Vec<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();

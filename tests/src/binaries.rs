@@ -10,6 +10,10 @@ use crate::HarnessError;
 /// Binaries copied into every test host.
 pub(crate) const PACKAGES: [&str; 2] = ["hopper-runner", "hopper-agent"];
 
+/// Moves the static build out of `target/static`, e.g. for a second user of the same checkout
+/// who must not share (and wait on) that directory's lock.
+const TARGET_DIR_ENV: &str = "HOPPER_STATIC_TARGET_DIR";
+
 /// Builds the binaries static (test hosts have no Rust libraries to link against) and returns
 /// their paths. Cargo is incremental, so this is cheap when nothing changed; the lock keeps
 /// tests that boot hosts in parallel from starting one build each.
@@ -17,7 +21,8 @@ pub(crate) fn build_static() -> Result<Vec<PathBuf>, HarnessError> {
     static BUILD: Mutex<()> = Mutex::new(());
     let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let repo = repo_root();
-    let target_dir = repo.join("target/static");
+    // Relative to the repository, like the default (joining an absolute path replaces it).
+    let target_dir = repo.join(std::env::var_os(TARGET_DIR_ENV).unwrap_or("target/static".into()));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&repo)

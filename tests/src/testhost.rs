@@ -77,10 +77,7 @@ impl TestHost {
     /// ports and log directory.
     pub fn boot(opts: TestHostOptions) -> Result<TestHost, HarnessError> {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let guest = GuestArtifacts::locate()?;
-        let mut modules: Vec<String> = DEFAULT_MODULES.iter().map(|m| m.to_string()).collect();
-        modules.extend(opts.extra_modules.iter().cloned());
-        let initramfs = l1_initramfs(&guest, &modules)?;
+        let (guest, initramfs) = Self::image(&opts)?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = opts.name.clone().unwrap_or_else(|| format!("testhost{n}"));
         let dir = cache_dir()
@@ -100,6 +97,21 @@ impl TestHost {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Builds the image `boot` boots (the static project binaries and the initramfs), or finds
+    /// it cached, without booting: for callers that show the first, slow build as a step of
+    /// its own. `boot` does the same (then cheaply).
+    pub fn prepare(opts: &TestHostOptions) -> Result<(), HarnessError> {
+        Self::image(opts).map(drop)
+    }
+
+    fn image(opts: &TestHostOptions) -> Result<(GuestArtifacts, PathBuf), HarnessError> {
+        let guest = GuestArtifacts::locate()?;
+        let mut modules: Vec<String> = DEFAULT_MODULES.iter().map(|m| m.to_string()).collect();
+        modules.extend(opts.extra_modules.iter().cloned());
+        let initramfs = l1_initramfs(&guest, &modules)?;
+        Ok((guest, initramfs))
     }
 
     fn start(
@@ -261,6 +273,12 @@ impl TestHost {
             started.elapsed().as_secs_f64()
         );
         Ok(out)
+    }
+
+    /// Like [`TestHost::exec_with`], without printing the command: for polling loops, whose
+    /// every round would otherwise add two lines to the output.
+    pub fn exec_quiet(&self, cmd: &Exec) -> Result<ExecOutput, HarnessError> {
+        self.with_agent(|c| c.exec(cmd))
     }
 
     /// Runs a shell script in the host and returns its stdout; a non-zero exit is an error

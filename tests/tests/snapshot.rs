@@ -74,9 +74,7 @@ fn snapshots_restore_in_a_new_process_and_the_guest_goes_on() -> Result<()> {
     )?;
     // The host's server keeps everything the connection brings.
     // (Its input stays open: at end of input nc closes the connection, and the guest's ends.)
-    host.sh(
-        "(sleep 100000 </dev/null 2>/dev/null | nc -l -p 9000 >/tmp/received 2>/dev/null &)",
-    )?;
+    host.sh("(sleep 100000 </dev/null 2>/dev/null | nc -l -p 9000 >/tmp/received 2>/dev/null &)")?;
     // The count lives in the shell's memory; each value goes to the disk and the connection
     // as it is reached. Another loop keeps a vCPU busy.
     guest_sh(

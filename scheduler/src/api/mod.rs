@@ -1,7 +1,9 @@
-//! HTTP routes: the GitHub webhook, the host API, the operator API and the OpenAPI document.
+//! HTTP routes: the GitHub webhook, the host API, the operator API (with local mode's job
+//! submission) and the OpenAPI document.
 
 mod hosts;
 mod operator;
+mod submit;
 mod webhook;
 
 use std::sync::Arc;
@@ -30,7 +32,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(operator::healthz))
         .route("/metrics", get(operator::metrics))
         .route("/api/v1/openapi.json", get(openapi))
-        .route("/api/v1/jobs", get(operator::jobs))
+        .route("/api/v1/jobs", get(operator::jobs).post(submit::submit))
         .route("/api/v1/jobs/{id}", get(operator::job))
         .route("/api/v1/jobs/{id}/logs", get(operator::job_logs))
         .route("/api/v1/jobs/{id}/logs/{name}", get(operator::job_log))

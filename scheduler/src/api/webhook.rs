@@ -131,13 +131,9 @@ pub async fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
-    use crate::secret::Secret;
-    use crate::store::SqliteStore;
     use axum::http::Request;
     use std::pin::Pin;
     use std::task::{Context, Poll};
-    use tokio::sync::Notify;
     use tower::ServiceExt;
 
     /// `n` chunks of 1 MiB with no length announced (like a chunked upload).
@@ -162,18 +158,7 @@ mod tests {
     /// A body without Content-Length is cut off at the limit, not buffered whole.
     #[tokio::test]
     async fn unannounced_oversized_body_is_413() {
-        let state = Arc::new(AppState {
-            store: Arc::new(SqliteStore::in_memory().unwrap()),
-            logs: Arc::new(crate::joblogs::JobLogs::new("/nonexistent".into())),
-            metrics: Metrics::default(),
-            webhook_secret: Secret::new("s"),
-            enroll_secret: None,
-            label_prefix: "hopper".into(),
-            github: None,
-            host_lost_after: std::time::Duration::from_secs(60),
-            placement_wake: Notify::new(),
-            assignments: Notify::new(),
-        });
+        let state = AppState::for_tests();
         let send = |chunks| {
             let req = Request::post("/webhook")
                 .header("x-github-event", "ping")

@@ -154,9 +154,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<DeliveryOutcome, StoreError>;
     /// Applies an update found by reconciliation (no delivery id).
     fn apply_update(&self, update: &JobUpdate) -> Result<JobChange, StoreError>;
+    /// Stores a job submitted in local mode under the next local job id (above
+    /// `jobs::LOCAL_JOB_ID_BASE`; `update.id` and `update.run_id` are replaced by it) and
+    /// returns it.
+    fn create_local_job(&self, update: &JobUpdate) -> Result<Job, StoreError>;
     fn job(&self, id: u64) -> Result<Option<Job>, StoreError>;
     /// Jobs in arrival order, optionally of one state.
     fn jobs(&self, state: Option<JobState>) -> Result<Vec<Job>, StoreError>;
+    /// Jobs whose last change was at or after `since_ms`, oldest change first.
+    fn jobs_updated_since(&self, since_ms: i64) -> Result<Vec<Job>, StoreError>;
     fn job_counts(&self) -> Result<Vec<(JobState, u64)>, StoreError>;
     /// Moves a queued job to `assigned` on a host with its runner. False (nothing changed) when
     /// the job is no longer queued or the host is no longer active.
@@ -187,6 +193,9 @@ pub trait Store: Send + Sync + 'static {
     fn hosts(&self) -> Result<Vec<Host>, StoreError>;
     /// Marks active hosts whose last heartbeat is before `cutoff_ms` lost, and their jobs.
     fn mark_lost(&self, cutoff_ms: i64) -> Result<Vec<LostHost>, StoreError>;
+    /// Marks one active host lost now, and its jobs, because it was stopped on purpose (its
+    /// jobs are gone with it; it is active again if it heartbeats). `None` if it was not active.
+    fn mark_stopped(&self, host_id: &str) -> Result<Option<LostHost>, StoreError>;
     /// Finished jobs whose GitHub runner has not been removed yet.
     fn runners_to_remove(&self) -> Result<Vec<Job>, StoreError>;
     fn runner_removed(&self, job_id: u64) -> Result<(), StoreError>;

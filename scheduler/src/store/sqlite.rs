@@ -10,7 +10,7 @@ use super::{
     Assignment, DeliveryOutcome, Host, HostState, JobChange, JobUpdate, LostHost, NewHost,
     ReportError, RunnerGrant, Store, StoreError,
 };
-use crate::jobs::{transition, Job, JobState, Transition, VmState};
+use crate::jobs::{transition, Job, JobState, Transition, VmState, LOCAL_JOB_ID_BASE};
 use crate::labels::Shape;
 use crate::now_ms;
 use crate::redact::JitFingerprint;
@@ -65,6 +65,8 @@ CREATE TABLE hosts (
     // What log redaction needs of a job's JIT config (see redact.rs), kept after the config
     // itself is dropped.
     "ALTER TABLE jobs ADD COLUMN jit_fingerprint TEXT;",
+    // `up` follows jobs by their last change.
+    "CREATE INDEX jobs_by_update ON jobs(updated_at);",
 ];
 
 const JOB_COLUMNS: &str = "id, run_id, run_attempt, repository, installation_id, labels, state, \
@@ -235,6 +237,30 @@ fn apply(tx: &Transaction<'_>, u: &JobUpdate) -> Result<JobChange, StoreError> {
     }
 }
 
+/// Marks a host lost and its assigned and running jobs with it; `why` ends their reason.
+fn lose_host(
+    tx: &Transaction<'_>,
+    host_id: String,
+    name: String,
+    why: &str,
+) -> Result<LostHost, StoreError> {
+    tx.execute("UPDATE hosts SET state = 'lost' WHERE id = ?1", [&host_id])?;
+    let jobs: Vec<u64> = tx
+        .prepare("SELECT id FROM jobs WHERE host_id = ?1 AND state IN ('assigned', 'running') ORDER BY id")?
+        .query_map([&host_id], |r| r.get::<_, i64>(0).map(|v| v as u64))?
+        .collect::<Result<_, _>>()?;
+    tx.execute(
+        "UPDATE jobs SET state = 'lost', reason = ?2, updated_at = ?3 \
+         WHERE host_id = ?1 AND state IN ('assigned', 'running')",
+        params![host_id, format!("host {name} ({host_id}) {why}"), now_ms()],
+    )?;
+    Ok(LostHost {
+        host_id,
+        name,
+        jobs,
+    })
+}
+
 const HOST_SELECT: &str = "SELECT h.id, h.name, h.vcpus, h.memory_mb, h.labels, h.address, \
      h.state, h.enrolled_at, h.last_heartbeat, \
      coalesce((SELECT sum(j.vcpus) FROM jobs j WHERE j.host_id = h.id \
@@ -294,6 +320,25 @@ impl Store for SqliteStore {
         self.with_tx(|tx| apply(tx, update))
     }
 
+    fn create_local_job(&self, update: &JobUpdate) -> Result<Job, StoreError> {
+        self.with_tx(|tx| {
+            let base = LOCAL_JOB_ID_BASE as i64;
+            let last: i64 = tx.query_row(
+                "SELECT coalesce(max(id), ?1) FROM jobs WHERE id > ?1",
+                [base],
+                |r| r.get(0),
+            )?;
+            let id = last as u64 + 1;
+            let numbered = JobUpdate {
+                id,
+                run_id: id,
+                ..update.clone()
+            };
+            apply(tx, &numbered)?;
+            get_job(tx, id)?.ok_or_else(|| StoreError::Corrupt(format!("job {id} not stored")))
+        })
+    }
+
     fn job(&self, id: u64) -> Result<Option<Job>, StoreError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         get_job(&conn, id)
@@ -306,6 +351,16 @@ impl Store for SqliteStore {
         );
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map([state.map(|s| s.as_str())], job_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn jobs_updated_since(&self, since_ms: i64) -> Result<Vec<Job>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE updated_at >= ?1 ORDER BY updated_at, id"
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map([since_ms], job_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -390,11 +445,18 @@ impl Store for SqliteStore {
                 params![job_id as i64, vm.as_str(), now],
             )
             .map_err(StoreError::from)?;
-            if let Some(target) = vm.job_state() {
+            if let Some(target) = vm.job_state(job.is_local()) {
                 if transition(job.state, target) == Ok(Transition::Forward) {
+                    // Only a local job completes here, and only when its job command succeeded;
+                    // the host's message is then no reason for anything.
+                    let (reason, conclusion) = match target {
+                        JobState::Completed => (None, Some("success")),
+                        _ => (message, None),
+                    };
                     tx.execute(
-                        "UPDATE jobs SET state = ?2, reason = coalesce(?3, reason) WHERE id = ?1",
-                        params![job_id as i64, target.as_str(), message],
+                        "UPDATE jobs SET state = ?2, reason = coalesce(?3, reason), \
+                         conclusion = coalesce(?4, conclusion) WHERE id = ?1",
+                        params![job_id as i64, target.as_str(), reason, conclusion],
                     )
                     .map_err(StoreError::from)?;
                 }
@@ -481,26 +543,30 @@ impl Store for SqliteStore {
 
     fn mark_lost(&self, cutoff_ms: i64) -> Result<Vec<LostHost>, StoreError> {
         self.with_tx(|tx| {
-            let mut lost = Vec::new();
             let stale: Vec<(String, String)> = tx
-                .prepare("SELECT id, name FROM hosts WHERE state = 'active' AND last_heartbeat < ?1")?
+                .prepare(
+                    "SELECT id, name FROM hosts WHERE state = 'active' AND last_heartbeat < ?1",
+                )?
                 .query_map([cutoff_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
-            let now = now_ms();
-            for (host_id, name) in stale {
-                tx.execute("UPDATE hosts SET state = 'lost' WHERE id = ?1", [&host_id])?;
-                let jobs: Vec<u64> = tx
-                    .prepare("SELECT id FROM jobs WHERE host_id = ?1 AND state IN ('assigned', 'running') ORDER BY id")?
-                    .query_map([&host_id], |r| r.get::<_, i64>(0).map(|v| v as u64))?
-                    .collect::<Result<_, _>>()?;
-                tx.execute(
-                    "UPDATE jobs SET state = 'lost', reason = ?2, updated_at = ?3 \
-                     WHERE host_id = ?1 AND state IN ('assigned', 'running')",
-                    params![host_id, format!("host {name} ({host_id}) stopped heartbeating"), now],
-                )?;
-                lost.push(LostHost { host_id, name, jobs });
-            }
-            Ok(lost)
+            stale
+                .into_iter()
+                .map(|(host_id, name)| lose_host(tx, host_id, name, "stopped heartbeating"))
+                .collect()
+        })
+    }
+
+    fn mark_stopped(&self, host_id: &str) -> Result<Option<LostHost>, StoreError> {
+        self.with_tx(|tx| {
+            let name: Option<String> = tx
+                .query_row(
+                    "SELECT name FROM hosts WHERE id = ?1 AND state = 'active'",
+                    [host_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            name.map(|name| lose_host(tx, host_id.to_string(), name, "was stopped"))
+                .transpose()
         })
     }
 
@@ -548,6 +614,70 @@ mod tests {
             .unwrap();
         drop(conn);
         assert!(matches!(SqliteStore::open(&path), Err(StoreError::Open(_))));
+    }
+
+    fn local_job(labels: &[&str]) -> JobUpdate {
+        JobUpdate {
+            id: 0,
+            run_id: 0,
+            run_attempt: 1,
+            repository: "local/demo".into(),
+            installation_id: None,
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            target: JobState::Queued,
+            conclusion: None,
+            shape: Some(Shape {
+                vcpus: 1,
+                memory_gb: 1,
+            }),
+            image: Some("ubuntu-24.04".into()),
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn local_jobs_are_numbered_above_github_ids_and_end_with_their_vm() {
+        let store = SqliteStore::in_memory().unwrap();
+        let first = store.create_local_job(&local_job(&["hopper"])).unwrap();
+        let second = store.create_local_job(&local_job(&["hopper"])).unwrap();
+        assert_eq!(first.id, LOCAL_JOB_ID_BASE + 1);
+        assert_eq!((second.id, second.run_id), (first.id + 1, first.id + 1));
+        assert!(second.is_local() && second.state == JobState::Queued);
+
+        let host = store
+            .enroll_host(
+                &NewHost {
+                    name: "h".into(),
+                    vcpus: 2,
+                    memory_mb: 2048,
+                    labels: vec![],
+                    address: "a".into(),
+                },
+                b"hash",
+            )
+            .unwrap();
+        for job in [&first, &second] {
+            let grant = RunnerGrant {
+                runner_id: job.id,
+                runner_name: format!("r{}", job.id),
+                jit_config: Secret::new("cfg"),
+            };
+            assert!(store.assign(job.id, &host.id, &grant).unwrap());
+            store
+                .report_vm(&host.id, job.id, VmState::Running, None)
+                .unwrap();
+        }
+        let done = store
+            .report_vm(&host.id, first.id, VmState::Finished, Some("exit code 0"))
+            .unwrap();
+        assert_eq!(done.state, JobState::Completed);
+        assert_eq!(done.conclusion.as_deref(), Some("success"));
+        assert_eq!(done.reason, None);
+        let failed = store
+            .report_vm(&host.id, second.id, VmState::Failed, Some("exit code 3"))
+            .unwrap();
+        assert_eq!(failed.state, JobState::Failed);
+        assert_eq!(failed.reason.as_deref(), Some("exit code 3"));
     }
 
     #[test]

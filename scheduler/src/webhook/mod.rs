@@ -43,6 +43,14 @@ pub fn intake(
 }
 
 pub(crate) fn job_update(prefix: &str, wj: payload::WorkflowJob) -> Option<JobUpdate> {
+    if crate::jobs::is_local_job_id(wj.id) {
+        // GitHub never sends such ids; taking one would merge it into a local job.
+        tracing::warn!(
+            job = wj.id,
+            "workflow_job id in the range of local jobs; ignored"
+        );
+        return None;
+    }
     let target = match wj.action {
         JobAction::Queued => crate::jobs::JobState::Queued,
         JobAction::InProgress => crate::jobs::JobState::Running,

@@ -2,11 +2,12 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 pub mod github;
+pub mod host;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -89,7 +90,12 @@ pub struct Scheduler {
     pub dir: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    /// What it printed after the listening line.
+    stdout: Arc<Mutex<String>>,
 }
+
+/// The data directory of `up` in a test's directory.
+pub const UP_DATA_DIR: &str = ".hopper";
 
 impl Scheduler {
     /// Starts `hopper-scheduler serve` with its data in `dir` and extra arguments.
@@ -106,6 +112,20 @@ impl Scheduler {
             dir.join("webhook-secret").display().to_string(),
             "--enroll-secret-file".into(),
             dir.join("enroll-secret").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(dir, args)
+    }
+
+    /// Starts `hopper-scheduler up` with its data in `dir/.hopper`, on a free port, with extra
+    /// arguments (e.g. `--runner none`). Its own log is `.hopper/scheduler.log`.
+    pub fn up(dir: &Path, extra: &[&str]) -> Scheduler {
+        let mut args: Vec<String> = vec![
+            "up".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.join(UP_DATA_DIR).display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         Self::spawn(dir, args)
@@ -133,10 +153,17 @@ impl Scheduler {
             .expect("spawning hopper-scheduler");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let rest = Arc::new(Mutex::new(String::new()));
+        let more = rest.clone();
         std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
             let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = reader.read_line(&mut line);
             let _ = tx.send(line);
+            let mut next = String::new();
+            while reader.read_line(&mut next).is_ok_and(|n| n > 0) {
+                more.lock().unwrap().push_str(&std::mem::take(&mut next));
+            }
         });
         let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
         let url = match line.trim().strip_prefix("hopper-scheduler listening on ") {
@@ -157,7 +184,23 @@ impl Scheduler {
             dir: dir.to_path_buf(),
             log,
             args,
+            stdout: rest,
         }
+    }
+
+    /// What the process printed on stdout after its listening line, so far.
+    pub fn stdout_text(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, as a service manager stops it; returns how it exited.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        self.child.wait().unwrap()
     }
 
     /// SIGKILL, like a crash: nothing gets to flush.
@@ -177,9 +220,11 @@ impl Scheduler {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Every log this scheduler directory has produced (across restarts).
+    /// Every log this scheduler directory has produced (across restarts; `up` keeps its own
+    /// in its data directory).
     pub fn all_logs(&self) -> String {
-        let mut out = String::new();
+        let up_log = self.dir.join(UP_DATA_DIR).join("scheduler.log");
+        let mut out = std::fs::read_to_string(up_log).unwrap_or_default();
         for e in std::fs::read_dir(&self.dir).unwrap() {
             let p = e.unwrap().path();
             if p.file_name()
