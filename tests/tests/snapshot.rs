@@ -157,29 +157,46 @@ fn snapshots_restore_in_a_new_process_and_the_guest_goes_on() -> Result<()> {
     Ok(())
 }
 
-/// Damaged copies of the snapshot in `good` are refused with a clear error, and the attempt
+/// Damaged copies of the snapshot in `good`, and a sound one restored without what it needs,
+/// are refused with a clear error, and the attempt
 /// leaves no disk copy, socket or process behind.
 fn refuses_damaged_snapshots(host: &TestHost, good: &str) -> Result<()> {
+    const AGENT: &str = "--agent-socket /tmp/damaged.sock";
     let cases = [
-        ("truncated state", "head -c 200 {good}/vm.state >{bad}/vm.state", "truncated"),
+        (
+            "truncated state",
+            "head -c 200 {good}/vm.state >{bad}/vm.state",
+            AGENT,
+            "truncated",
+        ),
         (
             "flipped byte",
             "cp {good}/vm.state {bad}/ && printf '\\000' | dd of={bad}/vm.state bs=1 seek=300 conv=notrunc",
+            AGENT,
             "checksum mismatch",
         ),
         (
             "other format version",
             "cp {good}/vm.state {bad}/ && printf '\\011' | dd of={bad}/vm.state bs=1 seek=8 conv=notrunc",
+            AGENT,
             "format version 9",
         ),
         (
             "truncated memory",
             "cp {good}/vm.state {bad}/ && rm {bad}/memory && \
              dd if=/dev/zero of={bad}/memory bs=4096 count=0 seek=1000",
+            AGENT,
             "the memory file is 4096000 bytes",
         ),
+        // A sound snapshot, restored without what it needs (checked after the state is read).
+        (
+            "no agent socket",
+            "cp {good}/vm.state {bad}/",
+            "",
+            "--agent-socket",
+        ),
     ];
-    for (what, damage, expected) in cases {
+    for (what, damage, agent, expected) in cases {
         let bad = "/tmp/damaged";
         let damage = damage.replace("{good}", good).replace("{bad}", bad);
         let out = host.exec(&[
@@ -189,7 +206,7 @@ fn refuses_damaged_snapshots(host: &TestHost, good: &str) -> Result<()> {
                 "rm -rf {bad} && mkdir {bad} && ln -s {good}/memory {good}/disk.img {bad}/ && \
                  {damage} 2>/dev/null && \
                  hopper-runner vm restore --from {bad} --rootfs /tmp/damaged.ext4 \
-                 --agent-socket /tmp/damaged.sock --api-socket /tmp/damaged-api.sock"
+                 {agent} --api-socket /tmp/damaged-api.sock"
             ),
         ])?;
         let stderr = String::from_utf8_lossy(&out.stderr);

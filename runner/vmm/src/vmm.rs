@@ -214,6 +214,11 @@ impl Vmm {
         persist::check_cpu(&offered, &state.vcpus[0].cpuid)?;
 
         let saved = &state.devices;
+        if saved.agent && cfg.agent_socket.is_none() {
+            return Err(Error::Restore(
+                "it has an agent channel: name its socket (--agent-socket)".into(),
+            ));
+        }
         let disk_started = std::time::Instant::now();
         let rootfs = match (&saved.disk, &cfg.rootfs) {
             (Some(_), Some(path)) => {
@@ -233,11 +238,6 @@ impl Vmm {
             (None, _) => None,
         };
         let disk_copy_ms = disk_started.elapsed().as_millis();
-        if saved.agent && cfg.agent_socket.is_none() {
-            return Err(Error::Restore(
-                "it has an agent channel: name its socket (--agent-socket)".into(),
-            ));
-        }
         let spec = DeviceSpec {
             rootfs: rootfs.zip(saved.disk.as_ref().map(|d| d.read_only)),
             net: saved.net.as_ref().map(|n| NetConfig {
@@ -271,32 +271,30 @@ impl Vmm {
                     .map_err(|e| Error::Restore(e.to_string()))?;
                 vcpus.push(vcpu);
             }
-            Ok((devices, exit, vcpus))
+            Self::assemble(
+                vm,
+                state.memory_mib,
+                vcpus,
+                devices,
+                exit,
+                cfg.api_socket.as_deref(),
+            )
         })();
-        let (devices, exit, vcpus) = match restored {
-            Ok(parts) => parts,
-            Err(e) => {
-                // The disk copy is this restore's own; nothing else was created on disk.
+        match &restored {
+            Ok(_) => log::info!(
+                "restored from {} in {} ms (disk copied in {} ms)",
+                cfg.from.display(),
+                started.elapsed().as_millis(),
+                disk_copy_ms
+            ),
+            // The disk copy is this restore's own; nothing else was created on disk.
+            Err(_) => {
                 if let Some(path) = rootfs {
                     let _ = std::fs::remove_file(path);
                 }
-                return Err(e);
             }
-        };
-        log::info!(
-            "restored from {} in {} ms (disk copied in {} ms)",
-            cfg.from.display(),
-            started.elapsed().as_millis(),
-            disk_copy_ms
-        );
-        Self::assemble(
-            vm,
-            state.memory_mib,
-            vcpus,
-            devices,
-            exit,
-            cfg.api_socket.as_deref(),
-        )
+        }
+        restored
     }
 
     fn assemble(
