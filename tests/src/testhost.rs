@@ -162,10 +162,7 @@ impl TestHost {
             .arg(initramfs)
             .args([
                 "-append",
-                // idle=poll: an idle test host whose CPU halts was seen to stay asleep for
-                // minutes ("soft lockup ... [swapper/0:0]" on waking), a missed wake-up in the
-                // emulation; a CPU that never halts cannot miss one.
-                &format!("console=ttyS0 panic=-1 quiet idle=poll testhost.name={name}"),
+                &format!("console=ttyS0 panic=-1 quiet testhost.name={name}"),
             ])
             .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
             .stdin(Stdio::null())
