@@ -4,6 +4,7 @@
 #   .cache/images/vmlinuz            its stock bzImage
 #   .cache/images/initramfs.cpio.gz  stage-1 init: virtio modules, then root= disk or itself
 #   .cache/images/rootfs.ext4        ext4 root disk: busybox, hopper-agent, init scripts
+# Both images carry hopper-workload, the test workload (images/workload).
 # Each step is skipped when its output is newer than its inputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ note() { printf '    %s\n' "$*"; }
 GUEST_MODULES=(virtio_mmio virtio_blk virtio_net virtio_console vmw_vsock_virtio_transport)
 ROOTFS_SIZE=${ROOTFS_SIZE:-64M}
 AGENT=$repo/target/static/x86_64-unknown-linux-gnu/release/hopper-agent
+WORKLOAD=$repo/target/static/x86_64-unknown-linux-gnu/release/hopper-workload
 BUSYBOX=$(command -v busybox) || { echo "busybox missing: run tests/setup.sh" >&2; exit 1; }
 
 # up_to_date OUTPUT INPUT...: OUTPUT exists and no input (file or anything under a
@@ -68,13 +70,13 @@ else
 	cp -L "$kernel/vmlinuz" "$out/vmlinuz"
 fi
 
-step "hopper-agent (static)"
+step "hopper-agent, hopper-workload (static)"
 # Explicit --target: RUSTFLAGS then apply to the target only, not to proc-macros.
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet -p hopper-agent \
-	--target x86_64-unknown-linux-gnu --target-dir "$repo/target/static"
+	-p hopper-workload --target x86_64-unknown-linux-gnu --target-dir "$repo/target/static"
 
-# stage_base DIR: busybox with its applet links, the agent, and the init scripts shared by
-# the initramfs and the root disk.
+# stage_base DIR: busybox with its applet links, the agent, the workload, and the init
+# scripts shared by the initramfs and the root disk.
 stage_base() {
 	local dir=$1 applet
 	mkdir -p "$dir"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root}
@@ -84,12 +86,14 @@ stage_base() {
 	done
 	# Without debug info the agent is a quarter of the size: less for the guest to unpack.
 	strip --strip-debug -o "$dir/bin/hopper-agent" "$AGENT"
+	# Its symbols too: nothing in a guest reads them.
+	strip -o "$dir/bin/hopper-workload" "$WORKLOAD"
 	cp -r "$images/guest/." "$dir/"
 	printf 'root:x:0:0:root:/root:/bin/sh\n' >"$dir/etc/passwd"
 	printf 'root:x:0:\n' >"$dir/etc/group"
 }
 
-inputs=("$BUSYBOX" "$AGENT" "$images/guest" "$images/build.sh" "$kernel/package")
+inputs=("$BUSYBOX" "$AGENT" "$WORKLOAD" "$images/guest" "$images/build.sh" "$kernel/package")
 
 step "Guest initramfs"
 if up_to_date "$out/initramfs.cpio.gz" "${inputs[@]}" "$images/initramfs" "$images/lib"; then

@@ -7,8 +7,9 @@ use std::sync::Mutex;
 use crate::paths::repo_root;
 use crate::HarnessError;
 
-/// Binaries copied into every test host.
-pub(crate) const PACKAGES: [&str; 2] = ["hopper-runner", "hopper-agent"];
+/// Binaries copied into every test host. The workload is also run natively, for what an
+/// undisturbed run writes (crate::workload).
+pub(crate) const PACKAGES: [&str; 3] = ["hopper-runner", "hopper-agent", "hopper-workload"];
 
 /// Moves the static build out of `target/static`, e.g. for a second user of the same checkout
 /// who must not share (and wait on) that directory's lock.

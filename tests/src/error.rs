@@ -36,6 +36,13 @@ pub enum HarnessError {
         what: String,
         console: String,
     },
+    /// What a workload wrote differs from an undisturbed run's output. The guest runs the
+    /// workload from its image, the undisturbed run is built afresh: a stale image differs.
+    #[error(
+        "{what} differs from an undisturbed run: {detail} \
+         (guest images older than images/workload? run tests/setup.sh)"
+    )]
+    Diverged { what: String, detail: String },
 }
 
 impl HarnessError {

@@ -11,6 +11,7 @@ pub mod microvm;
 mod paths;
 pub mod scheduler;
 mod testhost;
+pub mod workload;
 
 pub use error::HarnessError;
 pub use hopper_agent::{Exec, ExecOutput, ExitStatus};
@@ -18,3 +19,4 @@ pub use microvm::{boot_guest, restore_guest, GuestVmm, MicrovmGuest, MicrovmOpti
 pub use paths::GuestArtifacts;
 pub use scheduler::SchedulerProcess;
 pub use testhost::{TestHost, TestHostOptions};
+pub use workload::{Expected, Workload};

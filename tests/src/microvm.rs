@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use hopper_agent::ExecOutput;
+use hopper_agent::{Exec, ExecOutput};
 
 use crate::error::tail;
 use crate::{HarnessError, TestHost};
@@ -266,7 +266,17 @@ impl MicrovmGuest {
 
     /// Runs a command in the guest through its agent; the result is the guest command's.
     pub fn call(&self, host: &TestHost, argv: &[&str]) -> Result<ExecOutput, HarnessError> {
-        let mut full = vec![
+        host.exec_with(&self.agent_call(argv))
+    }
+
+    /// Like [`MicrovmGuest::call`], without printing the command: for polling loops.
+    pub fn call_quiet(&self, host: &TestHost, argv: &[&str]) -> Result<ExecOutput, HarnessError> {
+        host.exec_quiet(&self.agent_call(argv))
+    }
+
+    /// The test host's command that runs `argv` in the guest.
+    fn agent_call(&self, argv: &[&str]) -> Exec {
+        let call = [
             "hopper-agent",
             "call",
             "--unix",
@@ -275,8 +285,7 @@ impl MicrovmGuest {
             "30",
             "--",
         ];
-        full.extend_from_slice(argv);
-        host.exec(&full)
+        Exec::new(call.iter().chain(argv).copied())
     }
 
     /// The guest's serial console so far.
@@ -361,7 +370,7 @@ while kill -0 $pid 2>/dev/null; do n=$((n+1)); [ $n -lt {tries} ] || exit 2; sle
         .map(drop)
     }
 
-    fn error(&self, host: &TestHost, what: String) -> HarnessError {
+    pub(crate) fn error(&self, host: &TestHost, what: String) -> HarnessError {
         let qemu_log = host
             .read_file(&format!("{}/vmm.log", self.dir))
             .unwrap_or_default();
