@@ -108,23 +108,11 @@ fn qemu_round(host: &TestHost, memory_mib: u32, s: &mut Samples) -> Result<()> {
     let mut opts = guest(GuestVmm::Qemu, memory_mib);
     opts.extra_vmm_args = vec![format!("-monitor tcp:{MONITOR},server,nowait")];
     let vm = boot_guest(host, &opts)?;
-    let (port_host, port) = MONITOR.split_once(':').expect("host:port");
+    host.sh(&format!("rm -f {file}"))?;
     // A live migration into a file; QEMU pauses the guest for its last pass and leaves it
     // stopped, as a snapshot does. `info migrate` reports the time it took.
-    let status = host.sh(&format!(
-        "rm -f {file}; mon() {{ (echo \"$1\"; sleep 0.3) | nc {port_host} {port}; }}
-mon 'migrate -d \"exec:cat > {file}\"' >/dev/null
-for i in $(seq 1 600); do
-  out=$(mon 'info migrate')
-  case $out in *'status: completed'*) echo \"$out\"; exit 0 ;; *'status: failed'*) echo \"$out\"; exit 1 ;; esac
-  sleep 0.2
-done
-exit 1"
-    ))?;
-    let took: f64 = status
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("total time:"))
-        .and_then(|t| t.trim().trim_end_matches("ms").trim().parse().ok())
+    let status = bench::qemu_migrate(host, MONITOR, &format!("\"exec:cat > {file}\""))?;
+    let took = bench::qemu_figure(&status, "total time")
         .with_context(|| format!("no total time in QEMU's migration status:\n{status}"))?;
     vm.kill(host)?;
     let mut again = opts.clone();

@@ -11,11 +11,14 @@ pub mod microvm;
 mod paths;
 pub mod scheduler;
 mod testhost;
+pub mod tls;
 pub mod workload;
 
 pub use error::HarnessError;
 pub use hopper_agent::{Exec, ExecOutput, ExitStatus};
-pub use microvm::{boot_guest, restore_guest, GuestVmm, MicrovmGuest, MicrovmOptions};
+pub use microvm::{
+    boot_guest, receive_guest, restore_guest, GuestVmm, MicrovmGuest, MicrovmOptions,
+};
 pub use paths::GuestArtifacts;
 pub use scheduler::SchedulerProcess;
 pub use testhost::{TestHost, TestHostOptions};

@@ -189,16 +189,10 @@ while [ ! -s {dir}/vmm.pid ]; do sleep 0.01; done"
     )
 }
 
-/// Starts Hopper's VMM from the snapshot in `from` (a directory in the test host) as guest
-/// `name`, on a copy of the snapshot's disk in /tmp/<name>, with `extra_vmm_args` (e.g. the
-/// host side of its network), and waits for its agent.
-pub fn restore_guest(
-    host: &TestHost,
-    from: &str,
-    name: &str,
-    extra_vmm_args: &str,
-    ready_timeout: Duration,
-) -> Result<MicrovmGuest, HarnessError> {
+/// A guest that a VMM takes from elsewhere (`vm restore`, `vm receive`): in /tmp/<name>,
+/// with its disk at /tmp/<name>/rootfs.ext4, and the shell lines that make its directory
+/// and those that start `hopper-runner vm <command> <args>` for it in the background.
+fn placed_guest(name: &str, command: &str, args: &str) -> (MicrovmGuest, String, String) {
     let dir = format!("/tmp/{name}");
     let guest = MicrovmGuest {
         name: name.into(),
@@ -209,19 +203,34 @@ pub fn restore_guest(
         ready_after: Duration::ZERO,
     };
     let launch = format!(
-        "hopper-runner vm restore --from {from} --rootfs {dir}/rootfs.ext4 \\
-  --agent-socket {socket} --api-socket {dir}/api.sock {extra_vmm_args} \\
+        "hopper-runner vm {command} {args} --rootfs {dir}/rootfs.ext4 \\
+  --agent-socket {socket} --api-socket {dir}/api.sock \\
   >{dir}/console.log 2>{dir}/vmm.log",
         dir = guest.dir,
         socket = guest.socket,
     );
+    let prepare = format!("rm -rf {dir} && mkdir -p {dir}", dir = guest.dir);
+    let spawn = spawn_script(&guest.dir, &launch);
+    (guest, prepare, spawn)
+}
+
+/// Starts Hopper's VMM from the snapshot in `from` (a directory in the test host) as guest
+/// `name`, with `extra_vmm_args` (e.g. the host side of its network), and waits for its
+/// agent.
+pub fn restore_guest(
+    host: &TestHost,
+    from: &str,
+    name: &str,
+    extra_vmm_args: &str,
+    ready_timeout: Duration,
+) -> Result<MicrovmGuest, HarnessError> {
+    let (guest, prepare, spawn) =
+        placed_guest(name, "restore", &format!("--from {from} {extra_vmm_args}"));
     let script = format!(
-        "set -e\nrm -rf {dir} && mkdir -p {dir}\nt0=$(cut -d' ' -f1 /proc/uptime)\n{spawn}
+        "set -e\n{prepare}\nt0=$(cut -d' ' -f1 /proc/uptime)\n{spawn}
 hopper-agent call --unix {socket} --timeout {timeout}
 t1=$(cut -d' ' -f1 /proc/uptime)
 echo \"$t0 $t1\"",
-        dir = guest.dir,
-        spawn = spawn_script(&guest.dir, &launch),
         socket = guest.socket,
         timeout = ready_timeout.as_secs_f64(),
     );
@@ -232,6 +241,41 @@ echo \"$t0 $t1\"",
         ready_after: ready,
         ..guest
     })
+}
+
+/// Starts `hopper-runner vm receive --listen 0.0.0.0:<port>` in the test host as guest
+/// `name`, with `args` (its TLS identity, the host side of its network), and returns once
+/// it listens. The guest's agent answers once a migration into it has completed
+/// ([`MicrovmGuest::wait_ready`]).
+pub fn receive_guest(
+    host: &TestHost,
+    name: &str,
+    port: u16,
+    args: &str,
+) -> Result<MicrovmGuest, HarnessError> {
+    let (guest, prepare, spawn) =
+        placed_guest(name, "receive", &format!("--listen 0.0.0.0:{port} {args}"));
+    let script = format!(
+        "set -e\n{prepare}\n{spawn}
+n=0
+until grep -q 'waiting for a migrating VM' {dir}/vmm.log; do
+  kill -0 $(cat {dir}/vmm.pid) 2>/dev/null || {{ sleep 0.2; cat {dir}/vmm.log >&2; exit 1; }}
+  n=$((n+1)); [ $n -lt 300 ] || {{ echo 'not listening after 30 s' >&2; exit 1; }}
+  sleep 0.1
+done",
+        dir = guest.dir,
+    );
+    let out = host.exec(&["sh", "-c", &script])?;
+    if !out.exit.success() {
+        return Err(guest.error(
+            host,
+            format!(
+                "vm receive did not start: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(guest)
 }
 
 impl MicrovmGuest {
@@ -262,6 +306,22 @@ impl MicrovmGuest {
             .iter()
             .map(|t| Duration::from_secs_f64((t - first).max(0.0)))
             .collect())
+    }
+
+    /// Waits until the guest's agent answers (e.g. after a migration into it).
+    pub fn wait_ready(&self, host: &TestHost, timeout: Duration) -> Result<(), HarnessError> {
+        let out = host.exec(&[
+            "hopper-agent",
+            "call",
+            "--unix",
+            &self.socket,
+            "--timeout",
+            &timeout.as_secs().to_string(),
+        ])?;
+        if !out.exit.success() {
+            return Err(self.error(host, format!("the agent did not answer within {timeout:?}")));
+        }
+        Ok(())
     }
 
     /// Runs a command in the guest through its agent; the result is the guest command's.

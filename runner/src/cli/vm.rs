@@ -4,7 +4,8 @@ use crate::network::{self, Cidr, GuestFirewall};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use hopper_vmm::control::{self, Request};
-use hopper_vmm::{ExitReason, NetConfig, RestoreConfig, VmConfig, Vmm};
+use hopper_vmm::migration::{self, MigrateOptions, ReceiveConfig, TlsFiles};
+use hopper_vmm::{ExitReason, NetConfig, Placement, RestoreConfig, VmConfig, Vmm};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -26,6 +27,71 @@ pub enum VmCommand {
     Snapshot(SnapshotArgs),
     /// Start a VM from a snapshot, where it was paused; its serial console goes to stdout.
     Restore(Box<RestoreArgs>),
+    /// Move a running VM to another runner host (which runs `vm receive`) while it runs.
+    /// Prints what it took; the VM's VMM here exits once the target runs it. On failure
+    /// before the handover the VM runs on here.
+    Migrate(Box<MigrateArgs>),
+    /// Wait for one VM migrated by `vm migrate` from another host, then run it; its serial
+    /// console goes to stdout. Exits non-zero, leaving nothing behind, if the migration fails.
+    Receive(Box<ReceiveArgs>),
+}
+
+/// The mutual-TLS identity of a runner for migrations.
+#[derive(Args)]
+pub struct TlsArgs {
+    /// This runner's certificate (PEM), signed by the fleet's CA and carrying the DNS name
+    /// "hopper-runner".
+    #[arg(long)]
+    tls_cert: PathBuf,
+    /// The certificate's private key (PEM).
+    #[arg(long)]
+    tls_key: PathBuf,
+    /// The fleet's CA certificate (PEM): peers must present a certificate it signed.
+    #[arg(long)]
+    tls_ca: PathBuf,
+}
+
+impl TlsArgs {
+    /// Absolute paths: the VMM that reads them may run in another directory.
+    fn files(&self) -> anyhow::Result<TlsFiles> {
+        let abs = |p: &PathBuf| {
+            std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
+        };
+        Ok(TlsFiles {
+            cert: abs(&self.tls_cert)?,
+            key: abs(&self.tls_key)?,
+            ca: abs(&self.tls_ca)?,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// The VM's control socket (its `--api-socket`).
+    #[arg(long)]
+    socket: PathBuf,
+    /// The receiving runner's address, host:port.
+    #[arg(long)]
+    to: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Copy while the guest runs until the final pause is estimated below this.
+    #[arg(long, default_value_t = migration::source::DEFAULT_MAX_DOWNTIME_MS)]
+    max_downtime_ms: u64,
+    /// Pause after at most this many copy rounds, even if the pause will be longer.
+    #[arg(long, default_value_t = migration::source::DEFAULT_MAX_ROUNDS)]
+    max_rounds: u32,
+}
+
+#[derive(Args)]
+pub struct ReceiveArgs {
+    /// Address to listen on, host:port.
+    #[arg(long)]
+    listen: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
+    place: PlaceArgs,
 }
 
 #[derive(Args)]
@@ -46,8 +112,14 @@ pub struct RestoreArgs {
     /// The snapshot directory (made by `vm snapshot`). It is left unchanged.
     #[arg(long)]
     from: PathBuf,
-    /// Where to put the restored VM's root disk, a copy of the snapshot's (must not exist;
-    /// required when the snapshot has a disk).
+    #[command(flatten)]
+    place: PlaceArgs,
+}
+
+/// Where a VM that comes from elsewhere (a snapshot, another host) goes on this host.
+#[derive(Args)]
+pub struct PlaceArgs {
+    /// Where to put the VM's root disk (must not exist; required when the VM has a disk).
     #[arg(long)]
     rootfs: Option<PathBuf>,
     /// TAP device for the network interface (default: the one the VM had).
@@ -151,6 +223,16 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
     let (socket, request) = match cmd {
         VmCommand::Run(args) => return run_vm(*args),
         VmCommand::Restore(args) => return restore_vm(*args),
+        VmCommand::Receive(args) => return receive_vm(*args),
+        VmCommand::Migrate(a) => (
+            a.socket.clone(),
+            Request::Migrate(MigrateOptions {
+                to: a.to.clone(),
+                tls: a.tls.files()?,
+                max_downtime_ms: a.max_downtime_ms,
+                max_rounds: a.max_rounds,
+            }),
+        ),
         VmCommand::Snapshot(a) => (
             a.socket,
             Request::Snapshot {
@@ -196,45 +278,86 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
         api_socket: args.api_socket,
     };
     let vmm = Vmm::build(&cfg, Box::new(std::io::stdout())).context("cannot start the VM")?;
-    run_to_end(vmm, args.tap.as_deref(), &args.host_net)
+    let firewall = host_side(args.tap.as_deref(), &args.host_net)?;
+    run_to_end(vmm, firewall)
+}
+
+impl PlaceArgs {
+    fn placement(&self) -> Placement {
+        Placement {
+            rootfs: self.rootfs.clone(),
+            tap: self.tap.clone(),
+            agent_socket: self.agent_socket.clone(),
+            api_socket: self.api_socket.clone(),
+        }
+    }
 }
 
 fn restore_vm(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let cfg = RestoreConfig {
         from: args.from,
-        rootfs: args.rootfs,
-        tap: args.tap,
-        agent_socket: args.agent_socket,
-        api_socket: args.api_socket,
+        place: args.place.placement(),
     };
     let vmm = Vmm::restore(&cfg, Box::new(std::io::stdout()))
         .with_context(|| format!("cannot restore the VM from {}", cfg.from.display()))?;
     let tap = vmm.tap().map(str::to_owned);
-    if let Err(e) = args.host_net.check(tap.is_some()) {
-        drop(vmm);
-        if let Some(copy) = &cfg.rootfs {
-            let _ = std::fs::remove_file(copy);
+    let firewall = match host_side(tap.as_deref(), &args.place.host_net) {
+        Ok(firewall) => firewall,
+        Err(e) => {
+            drop(vmm);
+            if let Some(copy) = &cfg.place.rootfs {
+                let _ = std::fs::remove_file(copy);
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
-    run_to_end(vmm, tap.as_deref(), &args.host_net)
+    };
+    run_to_end(vmm, firewall)
 }
 
-/// Runs a built VM to its end, with the host side of its TAP set up meanwhile.
-fn run_to_end(vmm: Vmm, tap: Option<&str>, host_net: &HostNetArgs) -> anyhow::Result<ExitCode> {
-    // The VMM created the TAP; the host end is configured before the guest can use it, and
-    // the firewall is removed when this function returns.
-    let _firewall = match tap {
-        Some(tap) => {
-            if let Some(cidr) = host_net.host_ip {
-                network::configure_interface(tap, cidr)?;
-            }
-            Some(GuestFirewall::install(tap, &host_net.allow_host_ports)?)
-        }
-        None => None,
+fn receive_vm(args: ReceiveArgs) -> anyhow::Result<ExitCode> {
+    let cfg = ReceiveConfig {
+        listen: args.listen.clone(),
+        tls: args.tls.files()?,
+        place: args.place.placement(),
     };
+    let incoming = migration::target::receive(&cfg, Box::new(std::io::stdout()), |addr| {
+        eprintln!("hopper-runner: waiting for a migrating VM on {addr}")
+    })
+    .context("cannot receive the VM")?;
+    // The VM's network is ready before it runs; a failure here drops what was received, and
+    // the source, without its commit, runs on.
+    let tap = incoming.vmm().tap().map(str::to_owned);
+    let firewall = host_side(tap.as_deref(), &args.place.host_net)?;
+    let vmm = incoming
+        .commit()
+        .context("the migration did not complete")?;
+    run_to_end(vmm, firewall)
+}
+
+/// Sets up the host side of a VM's TAP: its address, and the firewall (removed when the
+/// returned value is dropped).
+fn host_side(tap: Option<&str>, host_net: &HostNetArgs) -> anyhow::Result<Option<GuestFirewall>> {
+    host_net.check(tap.is_some())?;
+    let Some(tap) = tap else {
+        return Ok(None);
+    };
+    if let Some(cidr) = host_net.host_ip {
+        network::configure_interface(tap, cidr)?;
+    }
+    Ok(Some(GuestFirewall::install(
+        tap,
+        &host_net.allow_host_ports,
+    )?))
+}
+
+/// Runs a built VM to its end; `_firewall` stays in place meanwhile.
+fn run_to_end(vmm: Vmm, _firewall: Option<GuestFirewall>) -> anyhow::Result<ExitCode> {
     match vmm.run().context("the VM failed")? {
         ExitReason::PowerOff | ExitReason::Reset | ExitReason::Stopped => Ok(ExitCode::SUCCESS),
+        ExitReason::Migrated => {
+            eprintln!("hopper-runner: the VM moved to another host");
+            Ok(ExitCode::SUCCESS)
+        }
         ExitReason::Error(msg) => bail!("the VM failed: {msg}"),
     }
 }

@@ -1,7 +1,8 @@
 //! The control API: newline-delimited JSON over a Unix socket. Each request line gets one
 //! response line. Requests: `{"action":"pause"}`, `{"action":"resume"}`, `{"action":"stop"}`,
 //! `{"action":"status"}`, `{"action":"snapshot","dir":"/path","resume":false}` (pause, save
-//! into `dir`, then resume, or stop the VM). Responses: `{"ok":true,"state":"paused"}` (a
+//! into `dir`, then resume, or stop the VM), `{"action":"migrate","to":"host:port","tls":{…},
+//! "max_downtime_ms":100,"max_rounds":30}` (answered once the migration ended). Responses: `{"ok":true,"state":"paused"}` (a
 //! snapshot adds `"snapshot":{…}` with its sizes and duration) or `{"ok":false,"error":"…"}`.
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -12,6 +13,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
+use crate::migration::{MigrateOptions, MigrationSummary};
 use crate::persist::SnapshotSummary;
 
 /// Longest request line accepted; anything longer is not a control request.
@@ -29,6 +31,8 @@ pub enum Request {
         dir: PathBuf,
         resume: bool,
     },
+    /// Send the running VM to another host; this VMM stops once the target runs it.
+    Migrate(MigrateOptions),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +52,8 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotSummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationSummary>,
 }
 
 impl Response {
@@ -57,6 +63,13 @@ impl Response {
             state: Some(state),
             error: None,
             snapshot: None,
+            migration: None,
+        }
+    }
+    pub fn migrated(state: RunState, summary: MigrationSummary) -> Self {
+        Response {
+            migration: Some(summary),
+            ..Response::state(state)
         }
     }
     pub fn snapshot(state: RunState, summary: SnapshotSummary) -> Self {
@@ -71,6 +84,7 @@ impl Response {
             state: None,
             error: Some(msg.into()),
             snapshot: None,
+            migration: None,
         }
     }
 }

@@ -14,6 +14,8 @@ pub enum ExitReason {
     Reset,
     /// The operator asked the VMM to stop.
     Stopped,
+    /// The VM moved to another host, which runs it now.
+    Migrated,
     /// The VMM could not go on running the guest.
     Error(String),
 }

@@ -17,6 +17,7 @@ pub mod event_loop;
 mod exit;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod persist;
 pub mod snapshot;
 pub mod tap;
@@ -25,4 +26,4 @@ pub mod vm;
 mod vmm;
 
 pub use config::{ConfigError, NetConfig, VmConfig};
-pub use vmm::{Error, ExitReason, RestoreConfig, Vmm};
+pub use vmm::{Error, ExitReason, Placement, RestoreConfig, Vmm};

@@ -202,6 +202,14 @@ pub struct RamBitmap {
     _mapping: Arc<Mapping>,
 }
 
+impl RamBitmap {
+    /// The pages written since the last call, one bit per 4 KiB page (bit `i % 64` of word
+    /// `i / 64`, as KVM's dirty log), clearing them.
+    pub fn take(&self) -> Vec<u64> {
+        self.dirty.get_and_reset()
+    }
+}
+
 impl<'a> WithBitmapSlice<'a> for RamBitmap {
     type S = <AtomicBitmap as WithBitmapSlice<'a>>::S;
 }

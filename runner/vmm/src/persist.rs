@@ -132,6 +132,17 @@ pub fn save(dir: &Path, vm: &Paused) -> Result<SnapshotSummary, PersistError> {
     let memory_file = File::create(&memory_path).map_err(io(&memory_path))?;
     let saved_memory = memory::save(&vm.vm.memory, &memory_file)?;
 
+    let state = capture(vm, saved_memory.layout)?;
+    format::write(&state_path, &state)?;
+    Ok(SnapshotSummary {
+        memory_bytes: vm.memory_mib << 20,
+        stored_bytes: saved_memory.stored,
+        took_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Reads the paused VM's vCPU, VM and device state; `memory` says where its RAM went.
+pub fn capture(vm: &Paused, memory: MemoryLayout) -> Result<MachineState, PersistError> {
     let msrs = msrs_to_save(&vm.vm.kvm).map_err(|source| VmError::Kvm {
         call: "KVM_GET_MSR_INDEX_LIST",
         source,
@@ -141,9 +152,9 @@ pub fn save(dir: &Path, vm: &Paused) -> Result<SnapshotSummary, PersistError> {
         .iter()
         .map(|v| v.lock().unwrap().save_state(&vm.vm.kvm, &msrs))
         .collect::<Result<Vec<_>, _>>()?;
-    let state = MachineState {
+    Ok(MachineState {
         memory_mib: vm.memory_mib,
-        memory: saved_memory.layout,
+        memory,
         devices: vm.devices.clone(),
         vm: vm.vm.save_state()?,
         vcpus,
@@ -153,12 +164,6 @@ pub fn save(dir: &Path, vm: &Paused) -> Result<SnapshotSummary, PersistError> {
             .iter()
             .map(|t| t.lock().unwrap().save())
             .collect(),
-    };
-    format::write(&state_path, &state)?;
-    Ok(SnapshotSummary {
-        memory_bytes: vm.memory_mib << 20,
-        stored_bytes: saved_memory.stored,
-        took_ms: started.elapsed().as_millis() as u64,
     })
 }
 

@@ -6,7 +6,8 @@ use crate::layout::IOAPIC_PINS;
 use crate::memory::{self, GuestMemory, MemoryError};
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, CpuId, KVM_CLOCK_REALTIME,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
@@ -140,6 +141,36 @@ impl Vm {
             self.fd.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
         }
         Ok(())
+    }
+
+    /// Turns KVM's dirty page logging of guest memory on or off (for live migration).
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
+        let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        Ok(memory::register(&self.fd, &self.memory, flags)?)
+    }
+
+    /// The pages written since the last call (or since logging was turned on), per RAM
+    /// region: by the vCPUs (KVM's log) or by the VMM's devices (the regions' own bitmaps).
+    /// Both logs are cleared. One bit per 4 KiB page.
+    pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let mut pages = self
+                    .fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(kvm("KVM_GET_DIRTY_LOG"))?;
+                for (word, device) in pages
+                    .iter_mut()
+                    .zip(std::ops::Deref::deref(region).bitmap().take())
+                {
+                    *word |= device;
+                }
+                Ok(pages)
+            })
+            .collect()
     }
 
     /// An eventfd that raises interrupt line `gsi` when written.

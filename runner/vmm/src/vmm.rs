@@ -17,6 +17,7 @@ use crate::devices::Bus;
 use crate::event_loop::{self, DeviceGate, Subscriber};
 use crate::layout::*;
 use crate::memory;
+use crate::migration::{self, source::Pausable, MigrateOptions, MigrationError, MigrationSummary};
 use crate::persist::{self, MachineState, PersistError, SavedDevices, SavedDisk, SavedNet};
 use crate::snapshot::format;
 use crate::tap::Tap;
@@ -26,6 +27,7 @@ use crate::vcpu::Vcpu;
 use crate::vm::{Vm, VmError};
 use crate::NetConfig;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::kvm_cpuid_entry2;
 use std::fs::File;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -89,18 +91,24 @@ impl Drop for OwnedSocket {
     }
 }
 
-/// Where a restored VM's files and sockets go; what the VM is made of comes from the snapshot.
+/// Where a restored or migrated-in VM's files and sockets go on this host; what the VM is
+/// made of comes from its saved state.
 #[derive(Debug, Clone, Default)]
-pub struct RestoreConfig {
-    /// The snapshot directory.
-    pub from: PathBuf,
-    /// Where the restored VM's root disk (a copy of the snapshot's) is made; it must not
-    /// exist. Required when the snapshot has a disk.
+pub struct Placement {
+    /// Where the VM's root disk is made; it must not exist. Required when the VM has a disk.
     pub rootfs: Option<PathBuf>,
     /// TAP device for the network interface (default: the one it had).
     pub tap: Option<String>,
     pub agent_socket: Option<PathBuf>,
     pub api_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreConfig {
+    /// The snapshot directory.
+    pub from: PathBuf,
+    /// The restored VM's root disk is a copy of the snapshot's, made at `place.rootfs`.
+    pub place: Placement,
 }
 
 /// The devices a VM gets, with the files and sockets they use.
@@ -131,6 +139,8 @@ struct SavedParts {
 pub struct Vmm {
     vm: Arc<Vm>,
     memory_mib: u64,
+    /// The guest's CPUID, which a migration target checks before anything moves.
+    cpuid: Vec<kvm_cpuid_entry2>,
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
     ctx: VcpuContext,
     devices: Vec<Subscriber>,
@@ -173,10 +183,12 @@ impl Vmm {
             vcpu.configure(&supported, cfg.cpus, (id == 0).then_some(&entry))?;
             vcpus.push(vcpu);
         }
+        let cpuid = vcpus[0].cpuid()?;
         Self::assemble(
             vm,
             cfg.memory_mib,
             vcpus,
+            cpuid,
             devices,
             exit,
             cfg.api_socket.as_deref(),
@@ -199,87 +211,29 @@ impl Vmm {
         let mem = crate::snapshot::memory::restore(&memory_file, &state.memory)
             .map_err(PersistError::from)?;
         let vm = Vm::new(mem)?;
-        let count = state.vcpus.len() as u8;
-        if count == 0
-            || state
-                .vcpus
-                .iter()
-                .enumerate()
-                .any(|(i, v)| v.id as usize != i)
-        {
-            return Err(Error::Restore("the vCPUs are not numbered 0..n".into()));
-        }
-        let mut offered = vm.supported_cpuid()?;
-        crate::cpuid::normalize(&mut offered, 0, count);
-        persist::check_cpu(&offered, &state.vcpus[0].cpuid)?;
+        let first = state
+            .vcpus
+            .first()
+            .ok_or_else(|| Error::Restore("it has no vCPUs".into()))?;
+        check_fits(
+            &vm,
+            state.vcpus.len() as u8,
+            &first.cpuid,
+            &state.devices,
+            &cfg.place,
+        )?;
 
-        let saved = &state.devices;
-        if saved.agent && cfg.agent_socket.is_none() {
-            return Err(Error::Restore(
-                "it has an agent channel: name its socket (--agent-socket)".into(),
-            ));
-        }
         let disk_started = std::time::Instant::now();
-        let rootfs = match (&saved.disk, &cfg.rootfs) {
-            (Some(_), Some(path)) => {
-                let frozen = cfg.from.join(persist::DISK_FILE);
-                crate::disk_copy::private_copy(&frozen, path).map_err(io(format!(
-                    "cannot copy the snapshot's disk {} to {}",
-                    frozen.display(),
-                    path.display()
-                )))?;
-                Some(path.as_path())
-            }
-            (Some(_), None) => {
-                return Err(Error::Restore(
-                    "it has a root disk: say where its copy goes (--rootfs)".into(),
-                ))
-            }
-            (None, _) => None,
-        };
+        if let (Some(_), Some(path)) = (&state.devices.disk, &cfg.place.rootfs) {
+            let frozen = cfg.from.join(persist::DISK_FILE);
+            crate::disk_copy::private_copy(&frozen, path).map_err(io(format!(
+                "cannot copy the snapshot's disk {} to {}",
+                frozen.display(),
+                path.display()
+            )))?;
+        }
         let disk_copy_ms = disk_started.elapsed().as_millis();
-        let spec = DeviceSpec {
-            rootfs: rootfs.zip(saved.disk.as_ref().map(|d| d.read_only)),
-            net: saved.net.as_ref().map(|n| NetConfig {
-                tap: cfg.tap.clone().unwrap_or_else(|| n.tap.clone()),
-                mac: n.mac,
-            }),
-            agent_socket: cfg.agent_socket.as_deref().filter(|_| saved.agent),
-        };
-        let restored = (|| {
-            vm.restore_state(&state.vm)?;
-            let exit = Arc::new(ExitSignal::new().map_err(io("cannot create the exit event"))?);
-            let (devices, _) = create_devices(&vm, &spec, &exit, console, Some(&state.serial.0))?;
-            let transports = &devices.parts.transports;
-            if transports.len() != state.virtio.len() {
-                return Err(Error::Restore(format!(
-                    "{} virtio devices saved, {} created",
-                    state.virtio.len(),
-                    transports.len()
-                )));
-            }
-            for (i, (t, s)) in transports.iter().zip(&state.virtio).enumerate() {
-                t.lock()
-                    .unwrap()
-                    .restore(s)
-                    .map_err(|e| Error::Restore(format!("virtio device {i}: {e}")))?;
-            }
-            let mut vcpus = Vec::new();
-            for saved in &state.vcpus {
-                let vcpu = Vcpu::new(&vm.fd, saved.id)?;
-                vcpu.restore_state(&vm.kvm, saved)
-                    .map_err(|e| Error::Restore(e.to_string()))?;
-                vcpus.push(vcpu);
-            }
-            Self::assemble(
-                vm,
-                state.memory_mib,
-                vcpus,
-                devices,
-                exit,
-                cfg.api_socket.as_deref(),
-            )
-        })();
+        let restored = Self::rebuild(vm, &state, &cfg.place, console);
         match &restored {
             Ok(_) => log::info!(
                 "restored from {} in {} ms (disk copied in {} ms)",
@@ -289,7 +243,7 @@ impl Vmm {
             ),
             // The disk copy is this restore's own; nothing else was created on disk.
             Err(_) => {
-                if let Some(path) = rootfs {
+                if let (Some(_), Some(path)) = (&state.devices.disk, &cfg.place.rootfs) {
                     let _ = std::fs::remove_file(path);
                 }
             }
@@ -297,10 +251,75 @@ impl Vmm {
         restored
     }
 
+    /// Builds the VM `state` describes around `vm` (its memory already filled), with its
+    /// disk at `place.rootfs`, ready to resume.
+    pub(crate) fn rebuild(
+        vm: Vm,
+        state: &MachineState,
+        place: &Placement,
+        console: SerialOutput,
+    ) -> Result<Vmm, Error> {
+        if state.vcpus.is_empty()
+            || state
+                .vcpus
+                .iter()
+                .enumerate()
+                .any(|(i, v)| v.id as usize != i)
+        {
+            return Err(Error::Restore("the vCPUs are not numbered 0..n".into()));
+        }
+        let saved = &state.devices;
+        let spec = DeviceSpec {
+            rootfs: place
+                .rootfs
+                .as_deref()
+                .zip(saved.disk.as_ref().map(|d| d.read_only)),
+            net: saved.net.as_ref().map(|n| NetConfig {
+                tap: place.tap.clone().unwrap_or_else(|| n.tap.clone()),
+                mac: n.mac,
+            }),
+            agent_socket: place.agent_socket.as_deref().filter(|_| saved.agent),
+        };
+        vm.restore_state(&state.vm)?;
+        let exit = Arc::new(ExitSignal::new().map_err(io("cannot create the exit event"))?);
+        let (devices, _) = create_devices(&vm, &spec, &exit, console, Some(&state.serial.0))?;
+        let transports = &devices.parts.transports;
+        if transports.len() != state.virtio.len() {
+            return Err(Error::Restore(format!(
+                "{} virtio devices saved, {} created",
+                state.virtio.len(),
+                transports.len()
+            )));
+        }
+        for (i, (t, s)) in transports.iter().zip(&state.virtio).enumerate() {
+            t.lock()
+                .unwrap()
+                .restore(s)
+                .map_err(|e| Error::Restore(format!("virtio device {i}: {e}")))?;
+        }
+        let mut vcpus = Vec::new();
+        for saved in &state.vcpus {
+            let vcpu = Vcpu::new(&vm.fd, saved.id)?;
+            vcpu.restore_state(&vm.kvm, saved)
+                .map_err(|e| Error::Restore(e.to_string()))?;
+            vcpus.push(vcpu);
+        }
+        Self::assemble(
+            vm,
+            state.memory_mib,
+            vcpus,
+            state.vcpus[0].cpuid.clone(),
+            devices,
+            exit,
+            place.api_socket.as_deref(),
+        )
+    }
+
     fn assemble(
         vm: Vm,
         memory_mib: u64,
         vcpus: Vec<Vcpu>,
+        cpuid: Vec<kvm_cpuid_entry2>,
         devices: Devices,
         exit: Arc<ExitSignal>,
         api_socket: Option<&Path>,
@@ -323,6 +342,7 @@ impl Vmm {
         Ok(Vmm {
             vm: Arc::new(vm),
             memory_mib,
+            cpuid,
             vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
             ctx,
             devices: devices.subscribers,
@@ -362,6 +382,7 @@ impl Vmm {
             state: Mutex::new(RunState::Running),
             vm: self.vm.clone(),
             memory_mib: self.memory_mib,
+            cpuid: self.cpuid,
             vcpus: self.vcpus.clone(),
             parts: self.parts,
         });
@@ -399,6 +420,31 @@ impl Vmm {
         }
         Ok(reason)
     }
+}
+
+/// Checks, before anything is built or copied, that a saved VM with `vcpus` vCPUs, this
+/// CPUID and these devices can run here with what `place` provides.
+pub(crate) fn check_fits(
+    vm: &Vm,
+    vcpus: u8,
+    cpuid: &[kvm_cpuid_entry2],
+    devices: &SavedDevices,
+    place: &Placement,
+) -> Result<(), Error> {
+    let mut offered = vm.supported_cpuid()?;
+    crate::cpuid::normalize(&mut offered, 0, vcpus);
+    persist::check_cpu(&offered, cpuid)?;
+    if devices.agent && place.agent_socket.is_none() {
+        return Err(Error::Restore(
+            "it has an agent channel: name its socket (--agent-socket)".into(),
+        ));
+    }
+    if devices.disk.is_some() && place.rootfs.is_none() {
+        return Err(Error::Restore(
+            "it has a root disk: say where it goes (--rootfs)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Creates the VM's devices: the serial console (from a saved state, on restore), the
@@ -507,6 +553,7 @@ struct Machine {
     state: Mutex<RunState>,
     vm: Arc<Vm>,
     memory_mib: u64,
+    cpuid: Vec<kvm_cpuid_entry2>,
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
     parts: SavedParts,
 }
@@ -524,21 +571,42 @@ impl Machine {
             .request(Target::Run, &self.threads.lock().unwrap());
     }
 
-    /// Saves the VM into `dir`; it must be paused.
-    fn snapshot(&self, dir: &Path) -> Result<persist::SnapshotSummary, PersistError> {
+    /// The parts a snapshot or a migration reads.
+    fn parts(&self) -> persist::Paused<'_> {
         let parts = &self.parts;
-        persist::save(
-            dir,
-            &persist::Paused {
-                vm: &self.vm,
-                memory_mib: self.memory_mib,
-                vcpus: &self.vcpus,
-                serial: &parts.serial,
-                transports: &parts.transports,
-                disk: parts.disk.as_ref().map(|(b, p)| (&**b, p.as_path())),
-                devices: &parts.devices,
+        persist::Paused {
+            vm: &self.vm,
+            memory_mib: self.memory_mib,
+            vcpus: &self.vcpus,
+            serial: &parts.serial,
+            transports: &parts.transports,
+            disk: parts.disk.as_ref().map(|(b, p)| (&**b, p.as_path())),
+            devices: &parts.devices,
+        }
+    }
+
+    /// Sends the running VM to another host (see [`migration::source`]).
+    fn migrate(&self, opts: &MigrateOptions) -> Result<MigrationSummary, MigrationError> {
+        migration::source::migrate(
+            &migration::source::Source {
+                parts: self.parts(),
+                cpuid: &self.cpuid,
+                control: self,
             },
+            opts,
         )
+    }
+}
+
+impl Pausable for Machine {
+    fn pause(&self) {
+        Machine::pause(self)
+    }
+    fn resume(&self) {
+        Machine::resume(self)
+    }
+    fn is_exiting(&self) -> bool {
+        self.exit.is_exiting()
     }
 }
 
@@ -568,7 +636,7 @@ impl Controllable for MachineControl {
                 if before == RunState::Running {
                     m.pause();
                 }
-                let result = m.snapshot(&dir);
+                let result = persist::save(&dir, &m.parts());
                 // A failed snapshot leaves the VM as it was; a good one without `resume`
                 // stops it (the snapshot carries on from here).
                 if result.is_ok() && !resume {
@@ -582,6 +650,25 @@ impl Controllable for MachineControl {
                     Err(e) => Response::error(format!("snapshot failed: {e}")),
                 }
             }
+            (Request::Migrate(_), RunState::Paused) => {
+                Response::error("the VM is paused; resume it to migrate it")
+            }
+            (Request::Migrate(opts), RunState::Running) => match m.migrate(&opts) {
+                Ok(summary) => {
+                    log::info!("migrated to {}: {summary:?}", opts.to);
+                    *state = RunState::Stopping;
+                    m.exit.request(ExitReason::Migrated);
+                    Response::migrated(*state, summary)
+                }
+                Err(e @ MigrationError::Unconfirmed(_)) => {
+                    *state = RunState::Paused;
+                    Response::error(format!("migration to {}: {e}", opts.to))
+                }
+                Err(e) => Response::error(format!(
+                    "migration to {} failed, the VM runs on here: {e}",
+                    opts.to
+                )),
+            },
             (Request::Stop, _) => {
                 *state = RunState::Stopping;
                 m.exit.request(ExitReason::Stopped);

@@ -58,12 +58,11 @@ pub struct Saved {
 /// Writes all of `mem` into `file` (empty, or replaced), leaving holes for untouched and zero
 /// pages. The vCPUs and devices must be paused.
 pub fn save(mem: &GuestMemory, file: &File) -> Result<Saved, SnapshotMemoryError> {
-    let mut regions = Vec::new();
-    let mut offset = 0u64;
+    let layout = layout(mem);
     let mut stored = 0u64;
     file.set_len(0).map_err(SnapshotMemoryError::Write)?;
-    for region in mem.iter() {
-        let len = region.len();
+    for (region, placed) in mem.iter().zip(&layout.regions) {
+        let (len, offset) = (region.len(), placed.file_offset);
         let resident = resident_pages(mem, region.start_addr(), len as usize)?;
         let mut run: Vec<u8> = Vec::with_capacity(WRITE_RUN);
         let mut run_start = 0u64;
@@ -93,23 +92,30 @@ pub fn save(mem: &GuestMemory, file: &File) -> Result<Saved, SnapshotMemoryError
             write_run(file, offset + run_start, &run)?;
             stored += run.len() as u64;
         }
-        regions.push(RegionLayout {
-            guest_addr: region.start_addr().0,
-            len,
-            file_offset: offset,
-        });
-        offset += len;
     }
     // The holes at the end count as file length too.
-    file.set_len(offset).map_err(SnapshotMemoryError::Write)?;
+    file.set_len(layout.file_len)
+        .map_err(SnapshotMemoryError::Write)?;
     file.sync_all().map_err(SnapshotMemoryError::Write)?;
-    Ok(Saved {
-        layout: MemoryLayout {
-            regions,
-            file_len: offset,
-        },
-        stored,
-    })
+    Ok(Saved { layout, stored })
+}
+
+/// Where each RAM region of `mem` goes in a memory file: back to back, in address order.
+pub fn layout(mem: &GuestMemory) -> MemoryLayout {
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        regions.push(RegionLayout {
+            guest_addr: region.start_addr().0,
+            len: region.len(),
+            file_offset: offset,
+        });
+        offset += region.len();
+    }
+    MemoryLayout {
+        regions,
+        file_len: offset,
+    }
 }
 
 fn write_run(file: &File, at: u64, data: &[u8]) -> Result<(), SnapshotMemoryError> {
@@ -119,7 +125,7 @@ fn write_run(file: &File, at: u64, data: &[u8]) -> Result<(), SnapshotMemoryErro
 
 /// Which pages of the region at `start` are in memory: the others were never touched (or
 /// were only read), so they hold zeros and need not be looked at.
-fn resident_pages(
+pub(crate) fn resident_pages(
     mem: &GuestMemory,
     start: GuestAddress,
     len: usize,

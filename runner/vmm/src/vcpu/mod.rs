@@ -70,6 +70,19 @@ impl Vcpu {
 
     /// Sets the state of a freshly created vCPU. Only the boot vCPU gets `boot`; the others
     /// wait for the guest's INIT/SIPI in the in-kernel LAPIC.
+    /// The CPUID the guest sees.
+    pub fn cpuid(&self) -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>, VcpuError> {
+        let cpuid = self
+            .fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VcpuError::Kvm {
+                id: self.id,
+                call: "KVM_GET_CPUID2",
+                source,
+            })?;
+        Ok(cpuid.as_slice().to_vec())
+    }
+
     pub fn configure(
         &self,
         supported_cpuid: &CpuId,

@@ -7,7 +7,9 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use virtio_queue::{QueueT, Reader, Writer};
+use vm_memory::bitmap::AtomicBitmap;
 
 pub const SECTOR_SIZE: u64 = 512;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
@@ -49,6 +51,8 @@ pub struct Block {
     capacity_sectors: u64,
     read_only: bool,
     id: String,
+    /// While a migration copies the disk: the blocks written since it last looked.
+    written: Option<Arc<AtomicBitmap>>,
 }
 
 impl Block {
@@ -70,6 +74,7 @@ impl Block {
             capacity_sectors: size / SECTOR_SIZE,
             read_only,
             id,
+            written: None,
         })
     }
 
@@ -148,6 +153,11 @@ impl Block {
                 let mut buf = vec![0u8; len];
                 req.read_exact(&mut buf)?;
                 self.disk.write_all_at(&buf, offset)?;
+                // Marked after the write: a copier that clears the mark and then reads the
+                // block sees this data, or is told again.
+                if let Some(written) = &self.written {
+                    written.set_addr_range(offset as usize, len);
+                }
             }
             VIRTIO_BLK_T_FLUSH => self.disk.sync_data()?,
             VIRTIO_BLK_T_GET_ID => {
@@ -170,6 +180,16 @@ impl Block {
             Some(end) if end <= self.capacity_sectors * SECTOR_SIZE => Ok(sector * SECTOR_SIZE),
             _ => Err(RequestError::OutOfRange { sector, len }),
         }
+    }
+
+    /// Records the guest's writes in `log` (one bit per block of its page size), or stops.
+    pub fn track_writes(&mut self, log: Option<Arc<AtomicBitmap>>) {
+        self.written = log;
+    }
+
+    /// The disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.capacity_sectors * SECTOR_SIZE
     }
 
     /// Makes everything the guest wrote durable (before a snapshot or a stop).

@@ -1,0 +1,525 @@
+//! The sending side: pre-copy of memory and disk while the guest runs, then a short pause for
+//! the last changes and the VM's state, then the commit handshake.
+//!
+//! Round 0 sends every page the guest has touched and every disk block that is not zero;
+//! each later round sends what was written meanwhile (KVM's dirty log for the vCPUs' writes,
+//! the VMM's bitmaps for the devices' writes, the disk's block log). Rounds stop when the
+//! rest would go out within the pause target at the measured rate, or after the round
+//! limit. A guest that writes faster than the link carries is throttled: its vCPUs are held
+//! for a growing share of each 100 ms.
+
+use super::link::{Link, LinkError};
+use super::protocol::{Batch, Frame, Hello, Unit, VERSION};
+use super::transport::{self, TlsFiles, TransportError};
+use super::{count_bits, set_bits, DISK_BLOCK, PAGE};
+use crate::devices::virtio::block::Block;
+use crate::persist::{self, Paused, PersistError};
+use crate::snapshot::memory::{layout, resident_pages, SnapshotMemoryError};
+use crate::vm::{Vm, VmError};
+use kvm_bindings::kvm_cpuid_entry2;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 100;
+pub const DEFAULT_MAX_ROUNDS: u32 = 30;
+/// Units per batch frame: 1 MiB of memory pages, 4 MiB of disk blocks.
+const BATCH_UNITS: usize = 256;
+const THROTTLE_PERIOD_MS: u64 = 100;
+/// Like QEMU's auto-converge: hold the vCPUs 20% of the time, 10% more each round that does
+/// not converge, up to 95%.
+const THROTTLE_FIRST: u8 = 20;
+const THROTTLE_STEP: u8 = 10;
+const THROTTLE_MAX: u8 = 95;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateOptions {
+    /// The receiving runner's address (host:port).
+    pub to: String,
+    pub tls: TlsFiles,
+    /// Pre-copy goes on until the final pause is estimated to be this short.
+    pub max_downtime_ms: u64,
+    /// ... or for at most this many rounds.
+    pub max_rounds: u32,
+}
+
+/// What a migration took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationSummary {
+    /// Rounds sent while the guest ran (round 0 included).
+    pub rounds: u32,
+    /// Guest memory sent, counting pages sent more than once (before compression).
+    pub memory_bytes: u64,
+    /// Disk sent, counting blocks sent more than once (before compression).
+    pub disk_bytes: u64,
+    /// What went over the wire (compressed, with framing, before TLS).
+    pub wire_bytes: u64,
+    /// From pausing the guest here to the target's word that it runs it.
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+    /// The largest share of time the guest's vCPUs were held to let the copy converge.
+    pub throttle_percent: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    State(#[from] PersistError),
+    #[error("reading the disk: {0}")]
+    Disk(std::io::Error),
+    #[error("the VM stopped during the migration")]
+    VmStopped,
+    /// The commit was sent but not confirmed: the target may or may not run the VM, so this
+    /// side keeps it paused (never both running); ask the target, then resume or stop it.
+    #[error("the handover is unconfirmed ({0}); the VM stays paused here")]
+    Unconfirmed(LinkError),
+}
+
+/// Pauses and resumes the whole VM (vCPUs and devices).
+pub trait Pausable: Sync {
+    fn pause(&self);
+    fn resume(&self);
+    /// Whether the VM is on its way out (powered off, failed): nothing left to migrate.
+    fn is_exiting(&self) -> bool;
+}
+
+/// The running VM to send.
+pub struct Source<'a> {
+    pub parts: Paused<'a>,
+    /// The guest's CPUID (the first vCPU's), for the target's up-front check.
+    pub cpuid: &'a [kvm_cpuid_entry2],
+    pub control: &'a dyn Pausable,
+}
+
+/// Sends the VM to the runner at `opts.to`. `Ok` means the target runs it now and this side
+/// must stop it. On any error before the commit the VM runs on here, as before.
+pub fn migrate(src: &Source, opts: &MigrateOptions) -> Result<MigrationSummary, MigrationError> {
+    let started = Instant::now();
+    let vm = src.parts.vm;
+    let mut link = Link::new(transport::connect(&opts.to, opts.tls.client_config()?)?);
+    let disk = match src.parts.disk {
+        Some((block, path)) => Some(TrackedDisk::open(block, path)?),
+        None => None,
+    };
+    let hello = Hello {
+        version: VERSION,
+        memory_mib: src.parts.memory_mib,
+        regions: layout(&vm.memory)
+            .regions
+            .iter()
+            .map(|r| (r.guest_addr, r.len))
+            .collect(),
+        disk_len: disk.as_ref().map(|d| d.size),
+        devices: src.parts.devices.clone(),
+        vcpus: src.parts.vcpus.len() as u8,
+        cpuid: src.cpuid.to_vec(),
+    };
+    link.send(&Frame::Hello(Box::new(hello)))?;
+    link.expect(Frame::Accept)?;
+
+    let mut summary = MigrationSummary {
+        rounds: 0,
+        memory_bytes: 0,
+        disk_bytes: 0,
+        wire_bytes: 0,
+        downtime_ms: 0,
+        total_ms: 0,
+        throttle_percent: 0,
+    };
+    let tracking = Tracking::start(vm, disk.as_ref())?;
+    let throttle = Throttle::default();
+    let precopied = std::thread::scope(|s| {
+        s.spawn(|| throttle.run(src.control));
+        let result = precopy(src, opts, &mut link, &tracking, &throttle, &mut summary);
+        throttle.stop();
+        result
+    });
+    summary.throttle_percent = throttle.max.load(Ordering::Relaxed);
+    let pending = match precopied {
+        Ok(pending) => pending,
+        Err(e) => {
+            link.abort(&e.to_string());
+            return Err(e);
+        }
+    };
+
+    src.control.pause();
+    let paused = Instant::now();
+    let last = final_delta(src, &mut link, &tracking, pending, &mut summary);
+    if let Err(e) = last {
+        link.abort(&e.to_string());
+        src.control.resume();
+        return Err(e);
+    }
+    // From here the target may run the VM: this side never resumes it on its own.
+    let confirmed = link
+        .send(&Frame::Commit)
+        .and_then(|_| link.expect(Frame::Committed));
+    if let Err(e) = confirmed {
+        return Err(MigrationError::Unconfirmed(e));
+    }
+    summary.downtime_ms = paused.elapsed().as_millis() as u64;
+    summary.total_ms = started.elapsed().as_millis() as u64;
+    summary.wire_bytes = link.wire_bytes;
+    Ok(summary)
+}
+
+/// What is dirty and not yet sent.
+struct Pending {
+    memory: Vec<Vec<u64>>,
+    disk: Vec<u64>,
+}
+
+/// Runs the rounds while the guest runs; returns what the final pause must still send.
+fn precopy(
+    src: &Source,
+    opts: &MigrateOptions,
+    link: &mut Link,
+    tracking: &Tracking,
+    throttle: &Throttle,
+    summary: &mut MigrationSummary,
+) -> Result<Pending, MigrationError> {
+    let vm = src.parts.vm;
+    // Round 0: all the guest has touched; the target starts from zeros.
+    let mut pending = Pending {
+        memory: resident(vm)?,
+        disk: tracking
+            .disk
+            .as_ref()
+            .map(|d| vec![u64::MAX; d.blocks().div_ceil(64)])
+            .unwrap_or_default(),
+    };
+    let mut previous_dirty = u64::MAX;
+    loop {
+        if src.control.is_exiting() {
+            return Err(MigrationError::VmStopped);
+        }
+        let round = Instant::now();
+        let first = summary.rounds == 0;
+        let sent = send_memory(link, vm, &pending.memory, first)?
+            + send_disk(link, tracking.disk, &pending.disk, first)?;
+        // The peer's acknowledgement would cost a round trip; a full send buffer already
+        // paces this side to the link's rate.
+        let elapsed = round.elapsed().max(Duration::from_millis(1));
+        summary.rounds += 1;
+        summary.memory_bytes += sent.memory;
+        summary.disk_bytes += sent.disk;
+        let rate = (sent.memory + sent.disk) as f64 / elapsed.as_secs_f64();
+
+        pending = tracking.take(vm)?;
+        let dirty = count_bits(&pending.memory) * PAGE as u64
+            + count_bits(std::slice::from_ref(&pending.disk)) * DISK_BLOCK as u64;
+        let estimate_ms = (dirty as f64 / rate.max(1.0) * 1000.0) as u64;
+        log::info!(
+            "migration round {}: sent {} KiB in {} ms ({:.1} MiB/s); {} KiB dirty, pause estimate {} ms",
+            summary.rounds,
+            (sent.memory + sent.disk) >> 10,
+            elapsed.as_millis(),
+            rate / (1 << 20) as f64,
+            dirty >> 10,
+            estimate_ms
+        );
+        if estimate_ms <= opts.max_downtime_ms || summary.rounds >= opts.max_rounds {
+            return Ok(pending);
+        }
+        // Not shrinking by a tenth per round: the guest writes about as fast as we send.
+        if summary.rounds >= 2 && dirty * 10 > previous_dirty * 9 {
+            throttle.tighten();
+        }
+        previous_dirty = dirty;
+    }
+}
+
+/// With the VM paused: the last dirty pages and blocks, then the VM's state, then waits
+/// for the target to have built it.
+fn final_delta(
+    src: &Source,
+    link: &mut Link,
+    tracking: &Tracking,
+    mut pending: Pending,
+    summary: &mut MigrationSummary,
+) -> Result<(), MigrationError> {
+    let vm = src.parts.vm;
+    if let Some(disk) = &tracking.disk {
+        disk.block
+            .lock()
+            .unwrap()
+            .flush()
+            .map_err(MigrationError::Disk)?;
+    }
+    let last = tracking.take(vm)?;
+    for (words, more) in pending.memory.iter_mut().zip(&last.memory) {
+        for (w, m) in words.iter_mut().zip(more) {
+            *w |= m;
+        }
+    }
+    for (w, m) in pending.disk.iter_mut().zip(&last.disk) {
+        *w |= m;
+    }
+    let sent = send_memory(link, vm, &pending.memory, false)?
+        + send_disk(link, tracking.disk, &pending.disk, false)?;
+    summary.memory_bytes += sent.memory;
+    summary.disk_bytes += sent.disk;
+    let state = persist::capture(&src.parts, layout(&vm.memory))?;
+    link.send(&Frame::State(Box::new(state)))?;
+    link.expect(Frame::Ready)?;
+    Ok(())
+}
+
+/// The pages of each region the guest has touched, as a bitmap.
+fn resident(vm: &Vm) -> Result<Vec<Vec<u64>>, MigrationError> {
+    vm.memory
+        .iter()
+        .map(|r| {
+            let pages = resident_pages(&vm.memory, r.start_addr(), r.len() as usize)
+                .map_err(PersistError::from)?;
+            let mut words = vec![0u64; pages.len().div_ceil(64)];
+            for (i, _) in pages.iter().enumerate().filter(|(_, r)| **r) {
+                words[i / 64] |= 1 << (i % 64);
+            }
+            Ok(words)
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Sent {
+    memory: u64,
+    disk: u64,
+}
+
+impl std::ops::Add for Sent {
+    type Output = Sent;
+    fn add(self, o: Sent) -> Sent {
+        Sent {
+            memory: self.memory + o.memory,
+            disk: self.disk + o.disk,
+        }
+    }
+}
+
+/// Collects units into batch frames and sends each when full.
+struct Batcher<'l> {
+    link: &'l mut Link,
+    frame: fn(Batch) -> Frame,
+    unit: usize,
+    items: Vec<(u64, Unit)>,
+    /// Skip units of zeros: the target already has zeros there (round 0).
+    skip_zero: bool,
+    /// Bytes of units sent.
+    sent: u64,
+}
+
+impl<'l> Batcher<'l> {
+    fn new(link: &'l mut Link, frame: fn(Batch) -> Frame, unit: usize, skip_zero: bool) -> Self {
+        Batcher {
+            link,
+            frame,
+            unit,
+            items: Vec::with_capacity(BATCH_UNITS),
+            skip_zero,
+            sent: 0,
+        }
+    }
+
+    fn push(&mut self, at: u64, data: &[u8]) -> Result<(), LinkError> {
+        let unit = Unit::of(data);
+        if self.skip_zero && unit == Unit::Zero {
+            return Ok(());
+        }
+        self.items.push((at, unit));
+        self.sent += self.unit as u64;
+        if self.items.len() == BATCH_UNITS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), LinkError> {
+        let items = std::mem::take(&mut self.items);
+        if !items.is_empty() {
+            let batch = Batch {
+                unit: self.unit,
+                items,
+            };
+            self.link.send(&(self.frame)(batch))?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<u64, LinkError> {
+        self.flush()?;
+        Ok(self.sent)
+    }
+}
+
+/// Sends the pages set in `dirty` (per region).
+fn send_memory(
+    link: &mut Link,
+    vm: &Vm,
+    dirty: &[Vec<u64>],
+    skip_zero: bool,
+) -> Result<Sent, MigrationError> {
+    let mut out = Batcher::new(link, Frame::Memory, PAGE, skip_zero);
+    let mut page = [0u8; PAGE];
+    for (region, words) in vm.memory.iter().zip(dirty) {
+        let base = region.start_addr().0;
+        for at in set_bits(words).map(|i| (i * PAGE) as u64) {
+            if at >= region.len() {
+                break;
+            }
+            region
+                .read_slice(&mut page, MemoryRegionAddress(at))
+                .map_err(|source| {
+                    PersistError::from(SnapshotMemoryError::Read {
+                        addr: base + at,
+                        source,
+                    })
+                })?;
+            out.push(base + at, &page)?;
+        }
+    }
+    Ok(Sent {
+        memory: out.finish()?,
+        disk: 0,
+    })
+}
+
+/// Sends the disk blocks set in `dirty`.
+fn send_disk(
+    link: &mut Link,
+    disk: Option<&TrackedDisk>,
+    dirty: &[u64],
+    skip_zero: bool,
+) -> Result<Sent, MigrationError> {
+    let Some(disk) = disk else {
+        return Ok(Sent::default());
+    };
+    let mut out = Batcher::new(link, Frame::Disk, DISK_BLOCK, skip_zero);
+    let mut block = vec![0u8; DISK_BLOCK];
+    for index in set_bits(dirty).take_while(|i| *i < disk.blocks()) {
+        let at = (index * DISK_BLOCK) as u64;
+        // The last block may be short; the target writes only what fits its disk.
+        let len = (disk.size - at).min(DISK_BLOCK as u64) as usize;
+        block[len..].fill(0);
+        disk.file
+            .read_exact_at(&mut block[..len], at)
+            .map_err(MigrationError::Disk)?;
+        out.push(at, &block)?;
+    }
+    Ok(Sent {
+        memory: 0,
+        disk: out.finish()?,
+    })
+}
+
+/// The root disk as the migration reads it: its own descriptor on the image file.
+struct TrackedDisk<'a> {
+    block: &'a Mutex<Block>,
+    file: File,
+    size: u64,
+}
+
+impl<'a> TrackedDisk<'a> {
+    fn open(block: &'a Mutex<Block>, path: &std::path::Path) -> Result<Self, MigrationError> {
+        let file = File::open(path).map_err(MigrationError::Disk)?;
+        let size = block.lock().unwrap().size();
+        Ok(TrackedDisk { block, file, size })
+    }
+
+    fn blocks(&self) -> usize {
+        self.size.div_ceil(DISK_BLOCK as u64) as usize
+    }
+}
+
+/// Dirty tracking of memory and disk for as long as it lives.
+struct Tracking<'a> {
+    vm: &'a Vm,
+    disk: Option<&'a TrackedDisk<'a>>,
+    disk_log: Arc<AtomicBitmap>,
+}
+
+impl<'a> Tracking<'a> {
+    fn start(vm: &'a Vm, disk: Option<&'a TrackedDisk<'a>>) -> Result<Self, MigrationError> {
+        vm.set_dirty_logging(true)?;
+        // Earlier device writes are covered by round 0.
+        let _ = vm.take_dirty_pages();
+        let disk_log = Arc::new(AtomicBitmap::new(
+            disk.map_or(0, |d| d.size as usize),
+            std::num::NonZeroUsize::new(DISK_BLOCK).unwrap(),
+        ));
+        if let Some(d) = disk {
+            d.block.lock().unwrap().track_writes(Some(disk_log.clone()));
+        }
+        Ok(Tracking { vm, disk, disk_log })
+    }
+
+    /// What was written since the last look.
+    fn take(&self, vm: &Vm) -> Result<Pending, MigrationError> {
+        Ok(Pending {
+            memory: vm.take_dirty_pages()?,
+            disk: self.disk_log.get_and_reset(),
+        })
+    }
+}
+
+impl Drop for Tracking<'_> {
+    fn drop(&mut self) {
+        if let Some(d) = self.disk {
+            d.block.lock().unwrap().track_writes(None);
+        }
+        if let Err(e) = self.vm.set_dirty_logging(false) {
+            log::warn!("cannot turn dirty logging off: {e}");
+        }
+    }
+}
+
+/// Holds the vCPUs for `percent` of each period while the copy cannot keep up.
+#[derive(Default)]
+struct Throttle {
+    percent: AtomicU8,
+    max: AtomicU8,
+    done: AtomicBool,
+}
+
+impl Throttle {
+    fn tighten(&self) {
+        let p = match self.percent.load(Ordering::Relaxed) {
+            0 => THROTTLE_FIRST,
+            p => (p + THROTTLE_STEP).min(THROTTLE_MAX),
+        };
+        self.percent.store(p, Ordering::Relaxed);
+        self.max.fetch_max(p, Ordering::Relaxed);
+        log::info!(
+            "migration: the guest dirties memory faster than it is sent; throttled to {}%",
+            100 - p
+        );
+    }
+
+    fn stop(&self) {
+        self.done.store(true, Ordering::Relaxed);
+    }
+
+    fn run(&self, control: &dyn Pausable) {
+        while !self.done.load(Ordering::Relaxed) {
+            let held = self.percent.load(Ordering::Relaxed) as u64 * THROTTLE_PERIOD_MS / 100;
+            if held > 0 {
+                control.pause();
+                std::thread::sleep(Duration::from_millis(held));
+                control.resume();
+            }
+            std::thread::sleep(Duration::from_millis(THROTTLE_PERIOD_MS - held));
+        }
+    }
+}
