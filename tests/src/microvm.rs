@@ -324,6 +324,22 @@ impl MicrovmGuest {
         Ok(())
     }
 
+    /// Runs a shell script in the guest: its stdout, or an error with its status and stderr.
+    pub fn sh(&self, host: &TestHost, script: &str) -> Result<String, HarnessError> {
+        let out = self.call(host, &["sh", "-c", script])?;
+        if !out.exit.success() {
+            return Err(self.error(
+                host,
+                format!(
+                    "guest script failed ({}): {script}\n{}",
+                    out.exit,
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Runs a command in the guest through its agent; the result is the guest command's.
     pub fn call(&self, host: &TestHost, argv: &[&str]) -> Result<ExecOutput, HarnessError> {
         host.exec_with(&self.agent_call(argv))

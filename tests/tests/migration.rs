@@ -57,22 +57,10 @@ impl Runner {
     }
 }
 
-fn guest_sh(host: &TestHost, vm: &MicrovmGuest, script: &str) -> Result<String> {
-    let out = vm.call(host, &["sh", "-c", script])?;
-    ensure!(
-        out.exit.success(),
-        "guest script failed ({}): {script}\n{}",
-        out.exit,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The guest's uptime (s) and boot id: a restarted guest has a new boot id.
 fn identity(host: &TestHost, vm: &MicrovmGuest) -> Result<(f64, String)> {
-    let out = guest_sh(
+    let out = vm.sh(
         host,
-        vm,
         "cut -d' ' -f1 /proc/uptime; cat /proc/sys/kernel/random/boot_id",
     )?;
     let mut lines = out.lines();
@@ -173,9 +161,8 @@ fn a_running_guest_moves_between_hosts_and_finishes_its_work() -> Result<()> {
         let quiet = n == DISK_CHECK_HOP;
         if quiet {
             // Nothing writes the disk during this hop, so both copies must be equal.
-            guest_sh(
+            vm.sh(
                 &from.host,
-                &vm,
                 "killall -STOP hopper-workload && sync && sleep 1",
             )?;
         }
@@ -185,7 +172,7 @@ fn a_running_guest_moves_between_hosts_and_finishes_its_work() -> Result<()> {
             let sent = sha256(&from.host, &source_disk)?;
             let arrived = sha256(&to.host, &format!("{}/rootfs.ext4", vm.dir))?;
             ensure!(sent == arrived, "hop {n}: the disk differs after migration");
-            guest_sh(&to.host, &vm, "killall -CONT hopper-workload")?;
+            vm.sh(&to.host, "killall -CONT hopper-workload")?;
         }
         let (u, id) = identity(&to.host, &vm)?;
         ensure!(id == boot_id, "hop {n}: the guest rebooted (new boot id)");
@@ -264,7 +251,7 @@ fn a_running_guest_moves_between_hosts_and_finishes_its_work() -> Result<()> {
         log.contains("refused migration connection"),
         "the target did not log the refusal: {log}"
     );
-    guest_sh(&c.host, &vm, "true")?;
+    vm.sh(&c.host, "true")?;
     vm.poweroff(&c.host, EXIT)?;
     Ok(())
 }

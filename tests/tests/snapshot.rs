@@ -36,17 +36,6 @@ const NET_CMDLINE: &str = "hopper.ip=172.16.0.2/30 hopper.gw=172.16.0.1";
 const SERVER: &str = "172.16.0.1:9000";
 const RECEIVED: &str = "/tmp/received";
 
-fn guest_sh(host: &TestHost, vm: &MicrovmGuest, script: &str) -> Result<String> {
-    let out = vm.call(host, &["sh", "-c", script])?;
-    ensure!(
-        out.exit.success(),
-        "guest script failed ({}): {script}\n{}",
-        out.exit,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Uptime (s), wall clock (s) and the number of progress lines on the guest's disk, which
 /// must be a prefix of the undisturbed run's.
 fn observe(
@@ -55,7 +44,7 @@ fn observe(
     expected: &Expected,
     when: &str,
 ) -> Result<(f64, u64, usize)> {
-    let out = guest_sh(host, vm, "cut -d' ' -f1 /proc/uptime; date +%s")?;
+    let out = vm.sh(host, "cut -d' ' -f1 /proc/uptime; date +%s")?;
     let fields: Vec<&str> = out.split_whitespace().collect();
     let [uptime, clock] = fields[..] else {
         anyhow::bail!("unexpected observation {out:?}");
@@ -98,11 +87,7 @@ fn snapshots_restore_in_a_new_process_and_the_guest_goes_on() -> Result<()> {
     )?;
     start_receiver(&host, 9000, RECEIVED)?;
     // The workload keeps one vCPU busy (but for its sleeps), this loop the other.
-    guest_sh(
-        &host,
-        &vm,
-        "(while :; do :; done) </dev/null >/dev/null 2>&1 &",
-    )?;
+    vm.sh(&host, "(while :; do :; done) </dev/null >/dev/null 2>&1 &")?;
     WORKLOAD.start(&host, &vm, Some(SERVER))?;
     let started = Instant::now();
     let (mut uptime, mut clock, mut lines) = (0.0, 0, 0);
@@ -144,7 +129,7 @@ fn snapshots_restore_in_a_new_process_and_the_guest_goes_on() -> Result<()> {
             vm.ready_after
         );
         // Timers run: the workload's sleeps go on, and so does a fresh sleep.
-        guest_sh(&host, &vm, "sleep 1")?;
+        vm.sh(&host, "sleep 1")?;
         let (u, c, n) = observe(&host, &vm, &expected, &format!("after restore {cycle}"))?;
         ensure!(
             u >= uptime,
