@@ -223,8 +223,10 @@ impl Vmm {
             &cfg.place,
         )?;
 
+        // The snapshot's disk is copied only when it has one.
+        let disk_copy = state.devices.disk.as_ref().and(cfg.place.rootfs.as_deref());
         let disk_started = std::time::Instant::now();
-        if let (Some(_), Some(path)) = (&state.devices.disk, &cfg.place.rootfs) {
+        if let Some(path) = disk_copy {
             let frozen = cfg.from.join(persist::DISK_FILE);
             crate::disk_copy::private_copy(&frozen, path).map_err(io(format!(
                 "cannot copy the snapshot's disk {} to {}",
@@ -243,7 +245,7 @@ impl Vmm {
             ),
             // The disk copy is this restore's own; nothing else was created on disk.
             Err(_) => {
-                if let (Some(_), Some(path)) = (&state.devices.disk, &cfg.place.rootfs) {
+                if let Some(path) = disk_copy {
                     let _ = std::fs::remove_file(path);
                 }
             }

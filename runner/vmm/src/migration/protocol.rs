@@ -151,11 +151,19 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
     let json = |what: &str, e: serde_json::Error| ProtocolError::Malformed(format!("{what}: {e}"));
     Ok(match header[0] {
         1 => {
-            let hello: Hello = serde_json::from_slice(&payload).map_err(|e| json("hello", e))?;
-            if hello.version != VERSION {
-                return Err(ProtocolError::Version(hello.version));
+            // The version first: another version's hello may not parse as this one's.
+            #[derive(Deserialize)]
+            struct Versioned {
+                version: u32,
             }
-            Frame::Hello(Box::new(hello))
+            let Versioned { version } =
+                serde_json::from_slice(&payload).map_err(|e| json("hello", e))?;
+            if version != VERSION {
+                return Err(ProtocolError::Version(version));
+            }
+            Frame::Hello(Box::new(
+                serde_json::from_slice(&payload).map_err(|e| json("hello", e))?,
+            ))
         }
         2 => Frame::Memory(decode_batch(&payload)?),
         3 => Frame::Disk(decode_batch(&payload)?),
@@ -315,6 +323,15 @@ mod tests {
         assert!(matches!(
             read_frame(&mut &[99u8, 0, 0, 0, 0][..]),
             Err(ProtocolError::Malformed(_))
+        ));
+        // A hello from another protocol version is named as such, whatever its shape.
+        let other = br#"{"version":2,"something":"else"}"#;
+        let mut wire = vec![1u8];
+        wire.extend_from_slice(&(other.len() as u32).to_le_bytes());
+        wire.extend_from_slice(other);
+        assert!(matches!(
+            read_frame(&mut &wire[..]),
+            Err(ProtocolError::Version(2))
         ));
     }
 }

@@ -49,7 +49,7 @@ pub struct MigrateOptions {
 }
 
 /// What a migration took.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationSummary {
     /// Rounds sent while the guest ran (round 0 included).
     pub rounds: u32,
@@ -128,15 +128,7 @@ pub fn migrate(src: &Source, opts: &MigrateOptions) -> Result<MigrationSummary, 
     link.send(&Frame::Hello(Box::new(hello)))?;
     link.expect(Frame::Accept)?;
 
-    let mut summary = MigrationSummary {
-        rounds: 0,
-        memory_bytes: 0,
-        disk_bytes: 0,
-        wire_bytes: 0,
-        downtime_ms: 0,
-        total_ms: 0,
-        throttle_percent: 0,
-    };
+    let mut summary = MigrationSummary::default();
     let tracking = Tracking::start(vm, disk.as_ref())?;
     let throttle = Throttle::default();
     let precopied = std::thread::scope(|s| {
@@ -217,7 +209,7 @@ fn precopy(
         summary.disk_bytes += sent.disk;
         let rate = (sent.memory + sent.disk) as f64 / elapsed.as_secs_f64();
 
-        pending = tracking.take(vm)?;
+        pending = tracking.take()?;
         let dirty = count_bits(&pending.memory) * PAGE as u64
             + count_bits(std::slice::from_ref(&pending.disk)) * DISK_BLOCK as u64;
         let estimate_ms = (dirty as f64 / rate.max(1.0) * 1000.0) as u64;
@@ -258,7 +250,7 @@ fn final_delta(
             .flush()
             .map_err(MigrationError::Disk)?;
     }
-    let last = tracking.take(vm)?;
+    let last = tracking.take()?;
     for (words, more) in pending.memory.iter_mut().zip(&last.memory) {
         for (w, m) in words.iter_mut().zip(more) {
             *w |= m;
@@ -466,9 +458,9 @@ impl<'a> Tracking<'a> {
     }
 
     /// What was written since the last look.
-    fn take(&self, vm: &Vm) -> Result<Pending, MigrationError> {
+    fn take(&self) -> Result<Pending, MigrationError> {
         Ok(Pending {
-            memory: vm.take_dirty_pages()?,
+            memory: self.vm.take_dirty_pages()?,
             disk: self.disk_log.get_and_reset(),
         })
     }

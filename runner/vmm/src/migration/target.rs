@@ -130,10 +130,19 @@ pub fn receive(
     };
     link.send(&Frame::Accept)?;
     let received = fill(&mut link, &vm, disk.as_mut()).and_then(|state| {
+        // What was checked up front must be what arrives.
         if state.memory_mib != hello.memory_mib {
             return Err(ReceiveError::Invalid(format!(
                 "a state of {} MiB for a VM of {} MiB",
                 state.memory_mib, hello.memory_mib
+            )));
+        }
+        // (Not its CPUID: KVM updates runtime bits such as OSXSAVE as the guest runs.)
+        if state.vcpus.len() != hello.vcpus as usize {
+            return Err(ReceiveError::Invalid(format!(
+                "a state of {} vCPUs for a VM of {}",
+                state.vcpus.len(),
+                hello.vcpus
             )));
         }
         Ok(Vmm::rebuild(vm, &state, &cfg.place, console)?)
