@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 step "Debian packages"
-pkgs=(qemu-system-x86 busybox-static cpio e2fsprogs iproute2 kmod nftables binutils)
+pkgs=(qemu-system-x86 busybox-static cpio e2fsprogs iproute2 kmod nftables binutils libclang-dev)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 # Node.js may come from elsewhere than Debian (its own npm then conflicts with Debian's).

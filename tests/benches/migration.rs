@@ -9,8 +9,10 @@
 //! sent (memory and disk). Neither side has shared storage: QEMU copies the disk with its
 //! block migration (`migrate -b`), Hopper with its own block tracking. Both run with their
 //! defaults (QEMU: 300 ms downtime limit, no compression, plain TCP; Hopper: 100 ms target,
-//! LZ4 where it pays, mutual TLS). QEMU's post-copy is not compared: QEMU 7.2 refuses it
-//! together with block migration, and Hopper has no post-copy yet.
+//! LZ4 where it pays, mutual TLS). Hopper's post-copy (`--postcopy`: handed over at once,
+//! the rest pulled on fault and pushed while the guest runs on the target) is measured too;
+//! its total time runs until the last page and block arrived. QEMU's post-copy is not
+//! compared: QEMU 7.2 refuses it together with block migration.
 //! Nested figures: only the ratios mean anything.
 
 use std::time::Duration;
@@ -72,16 +74,23 @@ fn address(host: &TestHost) -> Result<String> {
     Ok(format!("10.0.2.2:{port}"))
 }
 
-fn hopper_round(a: &TestHost, b: &TestHost, tls: &[String; 2], s: &mut Samples) -> Result<()> {
+fn hopper_round(
+    a: &TestHost,
+    b: &TestHost,
+    tls: &[String; 2],
+    postcopy: bool,
+    s: &mut Samples,
+) -> Result<()> {
     let vm = busy_guest(a, &guest(GuestVmm::Hopper, "bench-hopper"))?;
     let target = receive_guest(b, "bench-hopper-in", PORT, &tls[1])?;
     let reply = a.sh(&format!(
-        "hopper-runner vm migrate --socket {} --to {} {}",
+        "hopper-runner vm migrate --socket {} --to {} {}{}",
         vm.api_socket
             .as_deref()
             .context("Hopper guests have an API socket")?,
         address(b)?,
-        tls[0]
+        tls[0],
+        if postcopy { " --postcopy" } else { "" }
     ))?;
     let reply: serde_json::Value = serde_json::from_str(reply.trim())?;
     let summary = &reply["migration"];
@@ -90,6 +99,14 @@ fn hopper_round(a: &TestHost, b: &TestHost, tls: &[String; 2], s: &mut Samples) 
             .as_f64()
             .with_context(|| format!("no {name} in {reply}"))
     };
+    // Where the pause went, as both sides log it.
+    for (host, dir, what) in [
+        (a, &vm.dir, "migration handover"),
+        (b, &target.dir, "built the VM"),
+    ] {
+        let line = host.sh(&format!("grep '{what}' {dir}/vmm.log || true"))?;
+        eprintln!("{}", line.trim());
+    }
     s.downtime_ms.push(figure("downtime_ms")?);
     s.total_ms.push(figure("total_ms")?);
     s.sent_mib.push(figure("wire_bytes")? / (1 << 20) as f64);
@@ -155,33 +172,47 @@ fn main() -> Result<()> {
         fleet.runner()?.install(&a, "runner")?,
         fleet.runner()?.install(&b, "runner")?,
     ];
-    let (mut hopper, mut qemu) = (Samples::default(), Samples::default());
+    let [mut pre, mut post, mut qemu] = [(); 3].map(|_| Samples::default());
     for round in 1..=rounds {
-        hopper_round(&a, &b, &tls, &mut hopper)?;
+        hopper_round(&a, &b, &tls, false, &mut pre)?;
+        hopper_round(&a, &b, &tls, true, &mut post)?;
         qemu_round(&a, &b, &mut qemu)?;
+        let last = |s: &Samples| {
+            format!(
+                "pause {:.0} ms, total {:.0} ms, {:.1} MiB sent",
+                s.downtime_ms[round - 1],
+                s.total_ms[round - 1],
+                s.sent_mib[round - 1]
+            )
+        };
         eprintln!(
-            "round {round}/{rounds}: Hopper pause {:.0} ms, total {:.0} ms, {:.1} MiB sent; \
-             QEMU pause {:.0} ms, total {:.0} ms, {:.1} MiB sent",
-            hopper.downtime_ms[round - 1],
-            hopper.total_ms[round - 1],
-            hopper.sent_mib[round - 1],
-            qemu.downtime_ms[round - 1],
-            qemu.total_ms[round - 1],
-            qemu.sent_mib[round - 1],
+            "round {round}/{rounds}: Hopper pre-copy {}; Hopper post-copy {}; QEMU {}",
+            last(&pre),
+            last(&post),
+            last(&qemu)
         );
     }
     println!(
         "Live migration benchmark: {rounds} round(s), 512 MiB guest, 2 vCPUs, workload running, medians"
     );
-    println!("| | Hopper | QEMU (pre-copy) | Hopper / QEMU |");
-    println!("|---|---|---|---|");
-    for (what, h, q) in [
-        ("pause (ms)", &hopper.downtime_ms, &qemu.downtime_ms),
-        ("total time (ms)", &hopper.total_ms, &qemu.total_ms),
-        ("sent (MiB)", &hopper.sent_mib, &qemu.sent_mib),
+    println!(
+        "| | Hopper pre-copy | Hopper post-copy | QEMU pre-copy | pre-copy / QEMU | post-copy / QEMU |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (what, field) in [
+        (
+            "pause (ms)",
+            (|s| &s.downtime_ms) as fn(&Samples) -> &Vec<f64>,
+        ),
+        ("total time (ms)", |s| &s.total_ms),
+        ("sent (MiB)", |s| &s.sent_mib),
     ] {
-        let (h, q) = (median(h), median(q));
-        println!("| {what} | {h:.0} | {q:.0} | {:.2} |", h / q);
+        let [h, p, q] = [&pre, &post, &qemu].map(|s| median(field(s)));
+        println!(
+            "| {what} | {h:.0} | {p:.0} | {q:.0} | {:.2} | {:.2} |",
+            h / q,
+            p / q
+        );
     }
     Ok(())
 }

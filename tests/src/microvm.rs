@@ -119,8 +119,9 @@ pub fn boot_guest(host: &TestHost, opts: &MicrovmOptions) -> Result<MicrovmGuest
             } else {
                 String::new()
             };
+            // Info level: a migration's source logs its rounds and where its pause went.
             format!(
-                "hopper-runner vm run --kernel /guest/vmlinuz --initrd /guest/initramfs.cpio.gz \
+                "HOPPER_LOG=info hopper-runner vm run --kernel /guest/vmlinuz --initrd /guest/initramfs.cpio.gz \
   --memory {mem} --cpus {cpus} --cmdline '{cmdline}' {disk} \
   --agent-socket {socket} --api-socket {api_socket} {extra} \
   >{dir}/console.log 2>{dir}/vmm.log",
@@ -191,7 +192,8 @@ while [ ! -s {dir}/vmm.pid ]; do sleep 0.01; done"
 
 /// A guest that a VMM takes from elsewhere (`vm restore`, `vm receive`): in /tmp/<name>,
 /// with its disk at /tmp/<name>/rootfs.ext4, and the shell lines that make its directory
-/// and those that start `hopper-runner vm <command> <args>` for it in the background.
+/// and those that start `hopper-runner vm <command> <args>` for it in the background (its
+/// log at info level: what the restore or the migration took).
 fn placed_guest(name: &str, command: &str, args: &str) -> (MicrovmGuest, String, String) {
     let dir = format!("/tmp/{name}");
     let guest = MicrovmGuest {
@@ -203,7 +205,7 @@ fn placed_guest(name: &str, command: &str, args: &str) -> (MicrovmGuest, String,
         ready_after: Duration::ZERO,
     };
     let launch = format!(
-        "hopper-runner vm {command} {args} --rootfs {dir}/rootfs.ext4 \\
+        "HOPPER_LOG=info hopper-runner vm {command} {args} --rootfs {dir}/rootfs.ext4 \\
   --agent-socket {socket} --api-socket {dir}/api.sock \\
   >{dir}/console.log 2>{dir}/vmm.log",
         dir = guest.dir,

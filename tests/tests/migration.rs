@@ -1,6 +1,8 @@
 //! Live migration between test hosts with Hopper's VMM: a 2-vCPU guest running the
 //! deterministic workload (memory rewritten at a high rate, progress appended to its disk) is
-//! migrated host A → B → A … while it runs. It ends with the undisturbed run's digest and
+//! migrated host A → B → A … while it runs (the first hops pre-copy, the last ones post-copy:
+//! handed over at once, the rest pulled and pushed while it runs on the target). It ends
+//! with the undisturbed run's digest and
 //! progress file, its uptime and boot id go on (no restart), and the disk arrives
 //! byte-identical. A target host killed mid-migration leaves the VM running on the source;
 //! a source host killed after the handover does not stop the VM on the target. A source
@@ -17,8 +19,11 @@ use std::time::Duration;
 /// The port `vm receive` listens on in every test host (forwarded from this machine).
 const PORT: u16 = 7700;
 const HOPS: usize = 10;
-/// The hop at which the guest is made quiet so that its disk can be compared.
-const DISK_CHECK_HOP: usize = 5;
+/// Hops from this one on are post-copy.
+const POSTCOPY_FROM: usize = 7;
+/// The hops at which the guest is made quiet so that its disk can be compared (one of
+/// each kind).
+const DISK_CHECK_HOPS: [usize; 2] = [5, 8];
 const EXIT: Duration = Duration::from_secs(120);
 const READY: Duration = Duration::from_secs(120);
 /// Paced to about 200 steps (0.8 MiB of rewritten pages) a second, a fraction of what a test
@@ -75,7 +80,7 @@ fn start_migration(
     vm: &MicrovmGuest,
     to: &Runner,
     name: &str,
-    background: bool,
+    how: How,
 ) -> Result<(String, MicrovmGuest)> {
     let target = receive_guest(&to.host, name, PORT, &to.tls)?;
     let api = vm
@@ -83,11 +88,17 @@ fn start_migration(
         .as_deref()
         .context("Hopper guests have an API socket")?;
     let command = format!(
-        "hopper-runner vm migrate --socket {api} --to {} {}",
+        "hopper-runner vm migrate --socket {api} --to {} {}{}",
         to.address(),
-        from.tls
+        from.tls,
+        match how {
+            How::Postcopy => " --postcopy",
+            // The test hosts have one CPU (one stream by default): exercise several.
+            How::Precopy => " --streams 3",
+            How::Background => "",
+        }
     );
-    let out = if background {
+    let out = if how == How::Background {
         from.host.sh(&format!(
             "({command} >/tmp/migrate.out 2>&1 </dev/null; echo $? >/tmp/migrate.status) \
              >/dev/null 2>&1 </dev/null &"
@@ -95,21 +106,44 @@ fn start_migration(
     } else {
         let out = from.host.exec(&["sh", "-c", &command])?;
         let reply = String::from_utf8_lossy(&out.stdout).into_owned();
-        ensure!(
-            out.exit.success() && reply.contains(r#""ok":true"#),
-            "migration to {name} failed ({}): {reply}{}",
-            out.exit,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !(out.exit.success() && reply.contains(r#""ok":true"#)) {
+            let target_log = to.host.sh(&format!("cat {}/vmm.log", target.dir))?;
+            anyhow::bail!(
+                "migration to {name} failed ({}): {reply}{}\ntarget's log:\n{target_log}",
+                out.exit,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         reply
     };
     Ok((out, target))
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum How {
+    Precopy,
+    Postcopy,
+    /// Pre-copy, with the command left running in the background.
+    Background,
+}
+
 /// Migrates `vm` from `from` to `to` as guest `name` and waits until it answers there.
-fn hop(from: &Runner, vm: &MicrovmGuest, to: &Runner, name: &str) -> Result<MicrovmGuest> {
-    let (reply, target) = start_migration(from, vm, to, name, false)?;
+fn hop(
+    from: &Runner,
+    vm: &MicrovmGuest,
+    to: &Runner,
+    name: &str,
+    how: How,
+) -> Result<MicrovmGuest> {
+    let (reply, target) = start_migration(from, vm, to, name, how)?;
     println!("{name}: {}", reply.trim());
+    if how == How::Postcopy {
+        // Handed over before any copy round; the command returns once all has arrived.
+        ensure!(
+            reply.contains(r#""rounds":0"#),
+            "a post-copy ran pre-copy rounds: {reply}"
+        );
+    }
     ensure!(
         vm.wait_exit(&from.host, EXIT)? == 0,
         "the source VMM did not end cleanly after the handover"
@@ -158,7 +192,11 @@ fn a_running_guest_moves_between_hosts_and_finishes_its_work() -> Result<()> {
 
     for n in 1..=HOPS {
         let (from, to) = (&runners[(n - 1) % 2], &runners[n % 2]);
-        let quiet = n == DISK_CHECK_HOP;
+        let quiet = DISK_CHECK_HOPS.contains(&n);
+        let how = match n >= POSTCOPY_FROM {
+            true => How::Postcopy,
+            false => How::Precopy,
+        };
         if quiet {
             // Nothing writes the disk during this hop, so both copies must be equal.
             vm.sh(
@@ -167,7 +205,7 @@ fn a_running_guest_moves_between_hosts_and_finishes_its_work() -> Result<()> {
             )?;
         }
         let source_disk = format!("{}/rootfs.ext4", vm.dir);
-        vm = hop(from, &vm, to, &format!("mig{n}"))?;
+        vm = hop(from, &vm, to, &format!("mig{n}"), how)?;
         if quiet {
             let sent = sha256(&from.host, &source_disk)?;
             let arrived = sha256(&to.host, &format!("{}/rootfs.ext4", vm.dir))?;
@@ -189,7 +227,7 @@ fn a_running_guest_moves_between_hosts_and_finishes_its_work() -> Result<()> {
     let [a, b] = &runners[..] else { unreachable!() };
 
     // The target dies mid-migration: the migration fails and the VM runs on at the source.
-    let (_, _) = start_migration(a, &vm, b, "doomed", true)?;
+    let (_, _) = start_migration(a, &vm, b, "doomed", How::Background)?;
     std::thread::sleep(Duration::from_secs(2));
     b.host.kill();
     let status = a.host.sh(
@@ -215,7 +253,7 @@ fn a_running_guest_moves_between_hosts_and_finishes_its_work() -> Result<()> {
         tls: fleet.runner()?.install(&c, "runner")?,
         host: c,
     };
-    vm = hop(a, &vm, &c, "final")?;
+    vm = hop(a, &vm, &c, "final", How::Precopy)?;
     a.host.kill();
     let digest = WORKLOAD.wait_done(&c.host, &vm, Duration::from_secs(900))?;
     ensure!(

@@ -78,9 +78,20 @@ pub struct MigrateArgs {
     /// Copy while the guest runs until the final pause is estimated below this.
     #[arg(long, default_value_t = migration::source::DEFAULT_MAX_DOWNTIME_MS)]
     max_downtime_ms: u64,
-    /// Pause after at most this many copy rounds, even if the pause will be longer.
-    #[arg(long, default_value_t = migration::source::DEFAULT_MAX_ROUNDS)]
-    max_rounds: u32,
+    /// Hand over after at most this many copy rounds, even if the pause will be longer
+    /// [default: 30, or 0 with --postcopy].
+    #[arg(long)]
+    max_rounds: Option<u32>,
+    /// Post-copy: hand the VM over as soon as the rounds end (at once by default) and send
+    /// the rest while it runs on the target, first what its guest touches. The fastest
+    /// evacuation; but until the copy completes the VM needs both hosts, and if either
+    /// fails meanwhile the VM is lost.
+    #[arg(long)]
+    postcopy: bool,
+    /// Connections that carry memory and disk in parallel (TLS and compression take a core
+    /// each) [default: this host's CPUs, at most 4].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=16))]
+    streams: Option<u8>,
 }
 
 #[derive(Args)]
@@ -230,7 +241,15 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                 to: a.to.clone(),
                 tls: a.tls.files()?,
                 max_downtime_ms: a.max_downtime_ms,
-                max_rounds: a.max_rounds,
+                max_rounds: a.max_rounds.unwrap_or(if a.postcopy {
+                    0
+                } else {
+                    migration::source::DEFAULT_MAX_ROUNDS
+                }),
+                postcopy: a.postcopy,
+                streams: a.streams.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u8)
+                }),
             }),
         ),
         VmCommand::Snapshot(a) => (

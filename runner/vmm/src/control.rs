@@ -2,7 +2,8 @@
 //! response line. Requests: `{"action":"pause"}`, `{"action":"resume"}`, `{"action":"stop"}`,
 //! `{"action":"status"}`, `{"action":"snapshot","dir":"/path","resume":false}` (pause, save
 //! into `dir`, then resume, or stop the VM), `{"action":"migrate","to":"host:port","tls":{…},
-//! "max_downtime_ms":100,"max_rounds":30}` (answered once the migration ended). Responses: `{"ok":true,"state":"paused"}` (a
+//! "max_downtime_ms":100,"max_rounds":30,"postcopy":false}` (answered once the migration ended).
+//! Responses: `{"ok":true,"state":"paused"}` (a
 //! snapshot adds `"snapshot":{…}` with its sizes and duration) or `{"ok":false,"error":"…"}`.
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};

@@ -176,8 +176,83 @@ const FEATURE_LEAVES: [(u32, u32); 5] = [
     (0x8000_0008, 0),
 ];
 
+/// Names of well-known feature bits (as Linux's /proc/cpuinfo spells them): leaf, register
+/// (0 = eax … 3 = edx), bit, name. Bits not listed are reported by number.
+const FEATURE_NAMES: &[((u32, u32), usize, u32, &str)] = &[
+    ((0x1, 0), 2, 0, "pni (sse3)"),
+    ((0x1, 0), 2, 1, "pclmulqdq"),
+    ((0x1, 0), 2, 9, "ssse3"),
+    ((0x1, 0), 2, 12, "fma"),
+    ((0x1, 0), 2, 13, "cx16"),
+    ((0x1, 0), 2, 19, "sse4_1"),
+    ((0x1, 0), 2, 20, "sse4_2"),
+    ((0x1, 0), 2, 21, "x2apic"),
+    ((0x1, 0), 2, 22, "movbe"),
+    ((0x1, 0), 2, 23, "popcnt"),
+    ((0x1, 0), 2, 24, "tsc_deadline_timer"),
+    ((0x1, 0), 2, 25, "aes"),
+    ((0x1, 0), 2, 26, "xsave"),
+    ((0x1, 0), 2, 28, "avx"),
+    ((0x1, 0), 2, 29, "f16c"),
+    ((0x1, 0), 2, 30, "rdrand"),
+    ((0x1, 0), 3, 25, "sse"),
+    ((0x1, 0), 3, 26, "sse2"),
+    ((0x7, 0), 1, 0, "fsgsbase"),
+    ((0x7, 0), 1, 3, "bmi1"),
+    ((0x7, 0), 1, 5, "avx2"),
+    ((0x7, 0), 1, 7, "smep"),
+    ((0x7, 0), 1, 8, "bmi2"),
+    ((0x7, 0), 1, 9, "erms"),
+    ((0x7, 0), 1, 10, "invpcid"),
+    ((0x7, 0), 1, 16, "avx512f"),
+    ((0x7, 0), 1, 17, "avx512dq"),
+    ((0x7, 0), 1, 18, "rdseed"),
+    ((0x7, 0), 1, 19, "adx"),
+    ((0x7, 0), 1, 20, "smap"),
+    ((0x7, 0), 1, 21, "avx512ifma"),
+    ((0x7, 0), 1, 23, "clflushopt"),
+    ((0x7, 0), 1, 24, "clwb"),
+    ((0x7, 0), 1, 28, "avx512cd"),
+    ((0x7, 0), 1, 29, "sha_ni"),
+    ((0x7, 0), 1, 30, "avx512bw"),
+    ((0x7, 0), 1, 31, "avx512vl"),
+    ((0x7, 0), 2, 1, "avx512vbmi"),
+    ((0x7, 0), 2, 2, "umip"),
+    ((0x7, 0), 2, 3, "pku"),
+    ((0x7, 0), 2, 6, "avx512_vbmi2"),
+    ((0x7, 0), 2, 8, "gfni"),
+    ((0x7, 0), 2, 9, "vaes"),
+    ((0x7, 0), 2, 10, "vpclmulqdq"),
+    ((0x7, 0), 2, 11, "avx512_vnni"),
+    ((0x7, 0), 2, 12, "avx512_bitalg"),
+    ((0x7, 0), 2, 14, "avx512_vpopcntdq"),
+    ((0x7, 0), 2, 22, "rdpid"),
+    ((0x7, 0), 3, 4, "fsrm"),
+    ((0x7, 0), 3, 14, "serialize"),
+    ((0x7, 0), 3, 22, "amx_bf16"),
+    ((0x7, 0), 3, 24, "amx_tile"),
+    ((0x7, 0), 3, 25, "amx_int8"),
+    ((0xd, 1), 0, 0, "xsaveopt"),
+    ((0xd, 1), 0, 1, "xsavec"),
+    ((0xd, 1), 0, 2, "xgetbv1"),
+    ((0xd, 1), 0, 3, "xsaves"),
+    ((0x8000_0001, 0), 2, 0, "lahf_lm"),
+    ((0x8000_0001, 0), 2, 5, "abm"),
+    ((0x8000_0001, 0), 2, 6, "sse4a"),
+    ((0x8000_0001, 0), 2, 8, "3dnowprefetch"),
+    ((0x8000_0001, 0), 3, 20, "nx"),
+    ((0x8000_0001, 0), 3, 26, "pdpe1gb"),
+    ((0x8000_0001, 0), 3, 27, "rdtscp"),
+    ((0x8000_0001, 0), 3, 29, "lm"),
+    ((0x8000_0008, 0), 1, 0, "clzero"),
+    ((0x8000_0008, 0), 1, 9, "wbnoinvd"),
+];
+
+const REGISTERS: [&str; 4] = ["eax", "ebx", "ecx", "edx"];
+
 /// Checks that every feature the snapshot's vCPU had is offered by `host` (this host's CPUID
-/// for a fresh vCPU of the same id and count), before anything is restored.
+/// for a fresh vCPU of the same id and count), before anything is restored. The error names
+/// each missing feature.
 pub fn check_cpu(host: &CpuId, saved: &[kvm_cpuid_entry2]) -> Result<(), PersistError> {
     let find = |entries: &[kvm_cpuid_entry2], (function, index): (u32, u32)| {
         entries
@@ -191,16 +266,19 @@ pub fn check_cpu(host: &CpuId, saved: &[kvm_cpuid_entry2]) -> Result<(), Persist
         // Leaf 0x80000008 EBX holds features; its other registers hold sizes and counts.
         let registers = if leaf.0 == 0x8000_0008 { 1..2 } else { 0..4 };
         let (want, have) = (find(saved, leaf), find(host.as_slice(), leaf));
-        for (r, name) in registers
-            .clone()
-            .zip(&["eax", "ebx", "ecx", "edx"][registers])
-        {
+        for r in registers {
             let lacking = want[r] & !have[r];
-            if lacking != 0 {
-                missing.push(format!(
-                    "leaf {:#x}.{} {name} bits {lacking:#x}",
-                    leaf.0, leaf.1
-                ));
+            for bit in (0..32).filter(|b| lacking & (1 << b) != 0) {
+                let place = format!("leaf {:#x}.{} {} bit {bit}", leaf.0, leaf.1, REGISTERS[r]);
+                missing.push(
+                    match FEATURE_NAMES
+                        .iter()
+                        .find(|(l, reg, b, _)| *l == leaf && *reg == r && *b == bit)
+                    {
+                        Some((.., name)) => format!("{name} ({place})"),
+                        None => place,
+                    },
+                );
             }
         }
     }
@@ -229,10 +307,11 @@ mod tests {
     fn a_feature_the_host_lacks_is_named() {
         let host = CpuId::from_entries(&[leaf(1, 0, 0, 0b0110), leaf(7, 0, 0b1, 0)]).unwrap();
         assert!(check_cpu(&host, &[leaf(1, 0, 0, 0b0100), leaf(7, 0, 0b1, 0)]).is_ok());
-        let err = check_cpu(&host, &[leaf(7, 0, 0b1 | 1 << 16, 0)]).unwrap_err();
+        let err = check_cpu(&host, &[leaf(7, 0, 0b1 | 1 << 16 | 1 << 1, 0)]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "this host's CPU lacks features the snapshot's guest uses: leaf 0x7.0 ebx bits 0x10000"
+            "this host's CPU lacks features the snapshot's guest uses: \
+             leaf 0x7.0 ebx bit 1, avx512f (leaf 0x7.0 ebx bit 16)"
         );
     }
 }

@@ -57,6 +57,17 @@ const IRQCHIPS: [u32; 3] = [
     KVM_IRQCHIP_IOAPIC,
 ];
 
+/// The CPUID every vCPU of a VM on `kvm` starts from: what KVM supports, plus what it
+/// emulates on request. Needs no VM, so a restore can check it before creating one.
+pub fn supported_cpuid(kvm_sys: &Kvm) -> Result<CpuId, VmError> {
+    let mut cpuid = kvm_sys
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let tsc_deadline = kvm_sys.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    cpuid::add_emulated(&mut cpuid, tsc_deadline);
+    Ok(cpuid)
+}
+
 /// A created VM with its memory; vCPUs are created from it.
 pub struct Vm {
     pub kvm: Kvm,
@@ -101,13 +112,7 @@ impl Vm {
 
     /// The CPUID every vCPU starts from: what KVM supports, plus what it emulates on request.
     pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
-        let mut cpuid = self
-            .kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        let tsc_deadline = self.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
-        cpuid::add_emulated(&mut cpuid, tsc_deadline);
-        Ok(cpuid)
+        supported_cpuid(&self.kvm)
     }
 
     /// Reads the VM-wide state; the vCPUs must be paused.

@@ -200,9 +200,21 @@ impl Vmm {
     /// created, and it is left as it was: the restored VM writes to a copy of its disk and
     /// keeps its memory changes private.
     pub fn restore(cfg: &RestoreConfig, console: SerialOutput) -> Result<Vmm, Error> {
-        let started = std::time::Instant::now();
+        let mut phases = Phases::start();
         let state: MachineState =
             format::read(&cfg.from.join(persist::STATE_FILE)).map_err(PersistError::from)?;
+        phases.mark("state read");
+        let first = state
+            .vcpus
+            .first()
+            .ok_or_else(|| Error::Restore("it has no vCPUs".into()))?;
+        check_fits(
+            state.vcpus.len() as u8,
+            &first.cpuid,
+            &state.devices,
+            &cfg.place,
+        )?;
+        phases.mark("checked");
         let memory_path = cfg.from.join(persist::MEMORY_FILE);
         let memory_file = File::open(&memory_path).map_err(io(format!(
             "cannot open the snapshot's memory {}",
@@ -210,22 +222,12 @@ impl Vmm {
         )))?;
         let mem = crate::snapshot::memory::restore(&memory_file, &state.memory)
             .map_err(PersistError::from)?;
+        phases.mark("memory mapped");
         let vm = Vm::new(mem)?;
-        let first = state
-            .vcpus
-            .first()
-            .ok_or_else(|| Error::Restore("it has no vCPUs".into()))?;
-        check_fits(
-            &vm,
-            state.vcpus.len() as u8,
-            &first.cpuid,
-            &state.devices,
-            &cfg.place,
-        )?;
+        phases.mark("VM created");
 
         // The snapshot's disk is copied only when it has one.
         let disk_copy = state.devices.disk.as_ref().and(cfg.place.rootfs.as_deref());
-        let disk_started = std::time::Instant::now();
         if let Some(path) = disk_copy {
             let frozen = cfg.from.join(persist::DISK_FILE);
             crate::disk_copy::private_copy(&frozen, path).map_err(io(format!(
@@ -234,15 +236,11 @@ impl Vmm {
                 path.display()
             )))?;
         }
-        let disk_copy_ms = disk_started.elapsed().as_millis();
+        phases.mark("disk copied");
         let restored = Self::rebuild(vm, &state, &cfg.place, console);
+        phases.mark("devices and vCPUs restored");
         match &restored {
-            Ok(_) => log::info!(
-                "restored from {} in {} ms (disk copied in {} ms)",
-                cfg.from.display(),
-                started.elapsed().as_millis(),
-                disk_copy_ms
-            ),
+            Ok(_) => log::info!("restored from {}: {phases}", cfg.from.display()),
             // The disk copy is this restore's own; nothing else was created on disk.
             Err(_) => {
                 if let Some(path) = disk_copy {
@@ -354,6 +352,16 @@ impl Vmm {
         })
     }
 
+    /// What stops the VM from another thread.
+    pub(crate) fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.ctx.exit.clone()
+    }
+
+    /// The VM's root disk device, if it has one.
+    pub(crate) fn disk(&self) -> Option<&Arc<Mutex<Block>>> {
+        self.parts.disk.as_ref().map(|(block, _)| block)
+    }
+
     /// The TAP device the VM's network interface uses, if it has one.
     pub fn tap(&self) -> Option<&str> {
         self.parts.devices.net.as_ref().map(|n| n.tap.as_str())
@@ -424,18 +432,59 @@ impl Vmm {
     }
 }
 
-/// Checks, before anything is built or copied, that a saved VM with `vcpus` vCPUs, this
-/// CPUID and these devices can run here with what `place` provides.
+/// Where the time of a multi-step operation went, for its log line.
+struct Phases {
+    started: std::time::Instant,
+    last: std::time::Instant,
+    done: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Phases {
+    fn start() -> Phases {
+        let now = std::time::Instant::now();
+        Phases {
+            started: now,
+            last: now,
+            done: Vec::new(),
+        }
+    }
+
+    /// Ends the phase called `what`.
+    fn mark(&mut self, what: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((what, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1} ms (", self.started.elapsed().as_secs_f64() * 1e3)?;
+        for (i, (what, took)) in self.done.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{what} {:.1}", took.as_secs_f64() * 1e3)?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// Checks, before any VM exists or anything is copied, that a saved VM with `vcpus` vCPUs,
+/// this CPUID and these devices can run here with what `place` provides.
 pub(crate) fn check_fits(
-    vm: &Vm,
     vcpus: u8,
     cpuid: &[kvm_cpuid_entry2],
     devices: &SavedDevices,
     place: &Placement,
 ) -> Result<(), Error> {
-    let mut offered = vm.supported_cpuid()?;
+    let kvm = kvm_ioctls::Kvm::new().map_err(VmError::OpenKvm)?;
+    let mut offered = crate::vm::supported_cpuid(&kvm)?;
     crate::cpuid::normalize(&mut offered, 0, vcpus);
     persist::check_cpu(&offered, cpuid)?;
+    check_placement(devices, place)
+}
+
+/// Checks that `place` provides what a saved VM with these devices needs.
+fn check_placement(devices: &SavedDevices, place: &Placement) -> Result<(), Error> {
     if devices.agent && place.agent_socket.is_none() {
         return Err(Error::Restore(
             "it has an agent channel: name its socket (--agent-socket)".into(),
@@ -664,6 +713,12 @@ impl Controllable for MachineControl {
                 }
                 Err(e @ MigrationError::Unconfirmed(_)) => {
                     *state = RunState::Paused;
+                    Response::error(format!("migration to {}: {e}", opts.to))
+                }
+                // The target ran ahead: this copy is stale and must not run again.
+                Err(e @ MigrationError::PostcopyBroken(_)) => {
+                    *state = RunState::Stopping;
+                    m.exit.request(ExitReason::Error(e.to_string()));
                     Response::error(format!("migration to {}: {e}", opts.to))
                 }
                 Err(e) => Response::error(format!(

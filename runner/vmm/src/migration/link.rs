@@ -1,7 +1,7 @@
 //! One side of a migration connection: frames out through a buffer, frames in, and the
 //! bytes the wire carried.
 
-use super::protocol::{read_frame, write_frame, Frame, ProtocolError};
+use super::protocol::{read_frame, write_frame, Compressor, Frame, ProtocolError};
 use super::transport::Channel;
 use std::io::{BufWriter, Write};
 
@@ -10,6 +10,7 @@ const SEND_BUFFER: usize = 1 << 20;
 
 pub struct Link {
     out: BufWriter<Channel>,
+    compressor: Compressor,
     pub wire_bytes: u64,
 }
 
@@ -36,13 +37,14 @@ impl Link {
     pub fn new(channel: Channel) -> Link {
         Link {
             out: BufWriter::with_capacity(SEND_BUFFER, channel),
+            compressor: Compressor::default(),
             wire_bytes: 0,
         }
     }
 
     /// Queues `frame`; it goes out when the buffer fills or before the next receive.
     pub fn send(&mut self, frame: &Frame) -> Result<(), LinkError> {
-        self.wire_bytes += write_frame(&mut self.out, frame)?;
+        self.wire_bytes += write_frame(&mut self.out, frame, &mut self.compressor)?;
         Ok(())
     }
 

@@ -6,6 +6,8 @@
 
 mod link;
 pub mod protocol;
+mod pull;
+mod serve;
 pub mod source;
 pub mod target;
 pub mod transport;
@@ -33,6 +35,22 @@ pub(crate) fn set_bits(words: &[u64]) -> impl Iterator<Item = usize> + '_ {
     })
 }
 
+/// Whether bit `i` of a bitmap is set (bits past its end are not).
+pub(crate) fn bit(words: &[u64], i: usize) -> bool {
+    words.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+
+/// `words` as a bitmap of exactly `bits` bits: missing words are zero, bits past the end are
+/// cleared.
+pub(crate) fn trimmed(words: &[u64], bits: usize) -> Vec<u64> {
+    let mut out = words.to_vec();
+    out.resize(bits.div_ceil(64), 0);
+    if !bits.is_multiple_of(64) {
+        *out.last_mut().unwrap() &= (1u64 << (bits % 64)) - 1;
+    }
+    out
+}
+
 /// How many bits are set in all the bitmaps.
 pub(crate) fn count_bits(maps: &[Vec<u64>]) -> u64 {
     maps.iter().flatten().map(|w| w.count_ones() as u64).sum()
@@ -46,6 +64,9 @@ mod tests {
     fn bitmap_helpers() {
         let words = vec![0b1001, 0, 1 << 63];
         assert_eq!(set_bits(&words).collect::<Vec<_>>(), vec![0, 3, 191]);
+        assert!(bit(&words, 3) && !bit(&words, 4) && bit(&words, 191) && !bit(&words, 192));
+        assert_eq!(trimmed(&words, 130), [0b1001, 0, 0]);
+        assert_eq!(trimmed(&[u64::MAX], 3), [0b111]);
         assert_eq!(count_bits(&[words, vec![u64::MAX]]), 67);
     }
 }

@@ -8,6 +8,17 @@
 //! paused), `State` (vCPUs, VM, devices), then `Commit` after the target said `Ready`.
 //! Target → source: `Ready` once the VM is built from what arrived (not running), `Committed`
 //! once it runs. Either side may send `Abort` with a reason instead.
+//!
+//! With several streams (the hello says how many), the source opens the others once accepted;
+//! each carries the units of every other MiB of guest address (or disk offset), so that a
+//! unit always travels on the same stream, and ends with `Done` before the state (or plan)
+//! goes out on the first.
+//!
+//! Post-copy (the hello says so) moves the rest after the handover: the source opens a second
+//! connection (the pull channel) once accepted, sends `Plan` (what the target still lacks)
+//! instead of the final delta, then, after the commit, pushes what the plan names and `Done`.
+//! On the pull channel the target asks (`PullPages`, `PullBlocks`) for what the guest touches
+//! before it arrived, is answered with a batch, and says `Complete` once it has everything.
 
 use crate::persist::{MachineState, SavedDevices};
 use kvm_bindings::kvm_cpuid_entry2;
@@ -15,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// Bumped whenever a frame's meaning changes; a peer with another version is refused.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Larger frames mean a broken or hostile peer.
 const MAX_FRAME: usize = 64 << 20;
 
@@ -33,6 +44,20 @@ pub struct Hello {
     pub vcpus: u8,
     /// The first vCPU's CPUID: the features the guest may use.
     pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// The rest of memory and disk moves after the handover.
+    pub postcopy: bool,
+    /// Connections that carry memory and disk before the handover (this one included).
+    pub streams: u8,
+}
+
+/// Pages and disk blocks: per RAM region a bitmap of pages (bit `i % 64` of word `i / 64`),
+/// and a bitmap of disk blocks. On the source, what is dirty and not yet sent; sent when a
+/// post-copy hands over, what the target lacks (pages it holds that are set here are stale;
+/// pages neither held nor set are zero).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub memory: Vec<Vec<u64>>,
+    pub disk: Vec<u64>,
 }
 
 /// Equal-sized units (pages of memory, blocks of disk) at their offsets; a unit of zeros is
@@ -70,6 +95,13 @@ pub enum Frame {
     Commit,
     Committed,
     Abort(String),
+    Plan(Box<Plan>),
+    /// Guest addresses of pages the target needs now.
+    PullPages(Vec<u64>),
+    /// Disk offsets of blocks the target needs now.
+    PullBlocks(Vec<u64>),
+    Done,
+    Complete,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +130,11 @@ impl Frame {
             Frame::Committed => 7,
             Frame::Abort(_) => 8,
             Frame::Accept => 9,
+            Frame::Plan(_) => 10,
+            Frame::PullPages(_) => 11,
+            Frame::PullBlocks(_) => 12,
+            Frame::Done => 13,
+            Frame::Complete => 14,
         }
     }
 
@@ -112,18 +149,72 @@ impl Frame {
             Frame::Committed => "committed",
             Frame::Abort(_) => "abort",
             Frame::Accept => "accept",
+            Frame::Plan(_) => "plan",
+            Frame::PullPages(_) => "pull-pages",
+            Frame::PullBlocks(_) => "pull-blocks",
+            Frame::Done => "done",
+            Frame::Complete => "complete",
+        }
+    }
+}
+
+/// LZ4 while it pays: after [`Compressor::GIVE_UP`] units in a row that it did not shrink by
+/// an eighth, only every [`Compressor::PROBE_EVERY`]th unit is tried, until one shrinks
+/// again. Incompressible memory then costs almost no compression time.
+#[derive(Debug, Default)]
+pub struct Compressor {
+    misses: u32,
+    skipped: u32,
+    /// Units LZ4 was tried on.
+    pub tried: u64,
+}
+
+impl Compressor {
+    const GIVE_UP: u32 = 32;
+    const PROBE_EVERY: u32 = 64;
+
+    /// The kind and bytes `data` goes out as.
+    fn pack<'a>(&mut self, data: &'a [u8], packed: &'a mut Vec<u8>) -> (u8, &'a [u8]) {
+        if self.misses >= Self::GIVE_UP {
+            self.skipped += 1;
+            if self.skipped < Self::PROBE_EVERY {
+                return (KIND_RAW, data);
+            }
+            self.skipped = 0;
+        }
+        self.tried += 1;
+        *packed = lz4_flex::compress(data);
+        if packed.len() <= data.len() - data.len() / 8 {
+            self.misses = 0;
+            (KIND_LZ4, &packed[..])
+        } else {
+            self.misses += 1;
+            (KIND_RAW, data)
         }
     }
 }
 
 /// Writes `frame`; returns the bytes it took on the stream.
-pub fn write_frame(w: &mut impl Write, frame: &Frame) -> io::Result<u64> {
+pub fn write_frame(
+    w: &mut impl Write,
+    frame: &Frame,
+    compressor: &mut Compressor,
+) -> io::Result<u64> {
     let payload = match frame {
         Frame::Hello(h) => serde_json::to_vec(h).map_err(io::Error::other)?,
         Frame::State(s) => serde_json::to_vec(s).map_err(io::Error::other)?,
-        Frame::Memory(b) | Frame::Disk(b) => encode_batch(b),
+        Frame::Memory(b) | Frame::Disk(b) => encode_batch(b, compressor),
         Frame::Abort(reason) => reason.as_bytes().to_vec(),
-        Frame::Accept | Frame::Ready | Frame::Commit | Frame::Committed => Vec::new(),
+        Frame::Plan(p) => serde_json::to_vec(p).map_err(io::Error::other)?,
+        Frame::PullPages(at) | Frame::PullBlocks(at) => {
+            at.iter().flat_map(|a| a.to_le_bytes()).collect()
+        }
+        Frame::Accept
+        | Frame::Ready
+        | Frame::Commit
+        | Frame::Committed
+        | Frame::Done
+        | Frame::Complete => Vec::new(),
     };
     if payload.len() > MAX_FRAME {
         return Err(io::Error::other(format!(
@@ -175,13 +266,21 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
         7 => Frame::Committed,
         8 => Frame::Abort(String::from_utf8_lossy(&payload).into_owned()),
         9 => Frame::Accept,
+        10 => Frame::Plan(Box::new(
+            serde_json::from_slice(&payload).map_err(|e| json("plan", e))?,
+        )),
+        11 => Frame::PullPages(offsets(&payload)?),
+        12 => Frame::PullBlocks(offsets(&payload)?),
+        13 => Frame::Done,
+        14 => Frame::Complete,
         tag => return Err(ProtocolError::Malformed(format!("unknown frame tag {tag}"))),
     })
 }
 
 /// Batch payload: unit size (u32), item count (u32), then per item its offset (u64), a kind
 /// byte and, for data, a u32 length and the bytes (LZ4 where that saves an eighth or more).
-fn encode_batch(batch: &Batch) -> Vec<u8> {
+fn encode_batch(batch: &Batch, compressor: &mut Compressor) -> Vec<u8> {
+    let mut packed = Vec::new();
     let mut out = Vec::with_capacity(8 + batch.items.len() * (batch.unit + 13));
     out.extend_from_slice(&(batch.unit as u32).to_le_bytes());
     out.extend_from_slice(&(batch.items.len() as u32).to_le_bytes());
@@ -190,12 +289,7 @@ fn encode_batch(batch: &Batch) -> Vec<u8> {
         match unit {
             Unit::Zero => out.push(KIND_ZERO),
             Unit::Data(data) => {
-                let packed = lz4_flex::compress(data);
-                let (kind, bytes) = if packed.len() <= data.len() - data.len() / 8 {
-                    (KIND_LZ4, &packed[..])
-                } else {
-                    (KIND_RAW, &data[..])
-                };
+                let (kind, bytes) = compressor.pack(data, &mut packed);
                 out.push(kind);
                 out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
                 out.extend_from_slice(bytes);
@@ -247,6 +341,19 @@ fn decode_batch(payload: &[u8]) -> Result<Batch, ProtocolError> {
     Ok(Batch { unit, items })
 }
 
+fn offsets(payload: &[u8]) -> Result<Vec<u64>, ProtocolError> {
+    if !payload.len().is_multiple_of(8) {
+        return Err(ProtocolError::Malformed(format!(
+            "a pull of {} bytes",
+            payload.len()
+        )));
+    }
+    Ok(payload
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect())
+}
+
 fn take<'a>(cursor: &mut &'a [u8], n: usize) -> Result<&'a [u8], ProtocolError> {
     if cursor.len() < n {
         return Err(ProtocolError::Malformed("truncated batch".into()));
@@ -266,7 +373,7 @@ mod tests {
 
     fn roundtrip(frame: &Frame) -> Frame {
         let mut wire = Vec::new();
-        let n = write_frame(&mut wire, frame).unwrap();
+        let n = write_frame(&mut wire, frame, &mut Compressor::default()).unwrap();
         assert_eq!(n, wire.len() as u64);
         read_frame(&mut &wire[..]).unwrap()
     }
@@ -286,7 +393,12 @@ mod tests {
         };
         assert_eq!(batch.items[0].1, Unit::Zero);
         let mut wire = Vec::new();
-        write_frame(&mut wire, &Frame::Memory(batch.clone())).unwrap();
+        write_frame(
+            &mut wire,
+            &Frame::Memory(batch.clone()),
+            &mut Compressor::default(),
+        )
+        .unwrap();
         // The repeated page compresses to almost nothing; the random one goes raw.
         assert!(wire.len() < 2 * 4096, "{} bytes", wire.len());
         match read_frame(&mut &wire[..]).unwrap() {
@@ -295,6 +407,74 @@ mod tests {
         }
         assert!(matches!(roundtrip(&Frame::Commit), Frame::Commit));
         assert!(matches!(roundtrip(&Frame::Abort("x".into())), Frame::Abort(r) if r == "x"));
+        assert!(
+            matches!(roundtrip(&Frame::PullPages(vec![0, 4096 << 20])), Frame::PullPages(a) if a == [0, 4096 << 20])
+        );
+        let plan = Plan {
+            memory: vec![vec![1, 2], vec![]],
+            disk: vec![u64::MAX],
+        };
+        assert!(
+            matches!(roundtrip(&Frame::Plan(Box::new(plan.clone()))), Frame::Plan(p) if *p == plan)
+        );
+        assert!(matches!(roundtrip(&Frame::Complete), Frame::Complete));
+    }
+
+    /// After a run of incompressible units LZ4 is tried rarely, and fully again once a
+    /// probe pays; every unit still decodes to what was sent.
+    #[test]
+    fn compression_is_tried_while_it_pays() {
+        // xorshift64: bytes LZ4 cannot shrink.
+        let noise = |seed: u32| -> Vec<u8> {
+            let mut x = (seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 32) as u8
+                })
+                .collect()
+        };
+        let mut c = Compressor::default();
+        let mut sent = Vec::new();
+        let mut wire = Vec::new();
+        for round in 0..3u32 {
+            let batch = Batch {
+                unit: 4096,
+                items: (0..256u32)
+                    .map(|i| (i as u64 * 4096, Unit::Data(noise(round * 256 + i))))
+                    .collect(),
+            };
+            write_frame(&mut wire, &Frame::Memory(batch.clone()), &mut c).unwrap();
+            sent.push(batch);
+        }
+        // 32 misses, then one probe per 64 units.
+        assert!(c.tried < 32 + 768 / 64 + 2, "tried {} times", c.tried);
+        let tried = c.tried;
+        let batch = Batch {
+            unit: 4096,
+            items: (0..128u64)
+                .map(|i| (i * 4096, Unit::Data(vec![i as u8; 4096])))
+                .collect(),
+        };
+        let before = wire.len();
+        write_frame(&mut wire, &Frame::Memory(batch.clone()), &mut c).unwrap();
+        sent.push(batch);
+        // Found again within a probe interval: most of these pages went compressed.
+        assert!(c.tried > tried + 64, "tried {} times", c.tried);
+        assert!(
+            wire.len() - before < 64 * 4096,
+            "{} bytes",
+            wire.len() - before
+        );
+        let mut cursor = &wire[..];
+        for batch in sent {
+            match read_frame(&mut cursor).unwrap() {
+                Frame::Memory(b) => assert_eq!(b, batch),
+                other => panic!("got {}", other.name()),
+            }
+        }
     }
 
     #[test]
@@ -304,7 +484,7 @@ mod tests {
             items: vec![(0, Unit::Data(vec![1u8; 4096]))],
         };
         let mut wire = Vec::new();
-        write_frame(&mut wire, &Frame::Disk(batch)).unwrap();
+        write_frame(&mut wire, &Frame::Disk(batch), &mut Compressor::default()).unwrap();
         // Truncated stream, truncated payload, a unit of the wrong size, an unknown tag.
         assert!(matches!(
             read_frame(&mut &wire[..wire.len() - 1]),
@@ -325,13 +505,13 @@ mod tests {
             Err(ProtocolError::Malformed(_))
         ));
         // A hello from another protocol version is named as such, whatever its shape.
-        let other = br#"{"version":2,"something":"else"}"#;
+        let other = br#"{"version":1,"something":"else"}"#;
         let mut wire = vec![1u8];
         wire.extend_from_slice(&(other.len() as u32).to_le_bytes());
         wire.extend_from_slice(other);
         assert!(matches!(
             read_frame(&mut &wire[..]),
-            Err(ProtocolError::Version(2))
+            Err(ProtocolError::Version(1))
         ));
     }
 }

@@ -7,9 +7,14 @@
 //! rest would go out within the pause target at the measured rate, or after the round
 //! limit. A guest that writes faster than the link carries is throttled: its vCPUs are held
 //! for a growing share of each 100 ms.
+//!
+//! Post-copy hands over after `max_rounds` rounds (none by default) and sends the rest from
+//! the paused VM afterwards ([`super::serve`]): the shortest evacuation, but from the commit
+//! until the copy completes the VM needs both hosts.
 
 use super::link::{Link, LinkError};
-use super::protocol::{Batch, Frame, Hello, Unit, VERSION};
+use super::protocol::{Batch, Frame, Hello, Plan, Unit, VERSION};
+use super::serve::{self, Holdings};
 use super::transport::{self, TlsFiles, TransportError};
 use super::{count_bits, set_bits, DISK_BLOCK, PAGE};
 use crate::devices::virtio::block::Block;
@@ -24,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 100;
 pub const DEFAULT_MAX_ROUNDS: u32 = 30;
@@ -46,6 +51,25 @@ pub struct MigrateOptions {
     pub max_downtime_ms: u64,
     /// ... or for at most this many rounds.
     pub max_rounds: u32,
+    /// Hand over when the rounds end and send the rest afterwards, pulled by the target
+    /// where its guest needs it first.
+    #[serde(default)]
+    pub postcopy: bool,
+    /// Connections that carry memory and disk in parallel before the handover.
+    #[serde(default = "one_stream")]
+    pub streams: u8,
+}
+
+fn one_stream() -> u8 {
+    1
+}
+
+/// Units travel in parallel streams by MiB of address: a unit always takes the same stream,
+/// so a later copy of it never overtakes an earlier one.
+const STREAM_SPAN_SHIFT: u32 = 20;
+
+fn stream_of(at: u64, streams: usize) -> usize {
+    ((at >> STREAM_SPAN_SHIFT) % streams as u64) as usize
 }
 
 /// What a migration took.
@@ -64,6 +88,8 @@ pub struct MigrationSummary {
     pub total_ms: u64,
     /// The largest share of time the guest's vCPUs were held to let the copy converge.
     pub throttle_percent: u8,
+    /// Post-copy: pages and blocks the target pulled because its guest needed them first.
+    pub pulled: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +110,11 @@ pub enum MigrationError {
     /// side keeps it paused (never both running); ask the target, then resume or stop it.
     #[error("the handover is unconfirmed ({0}); the VM stays paused here")]
     Unconfirmed(LinkError),
+    /// A post-copy broke after the handover: the target runs the VM but lacks part of it.
+    #[error("the post-copy broke after the handover ({0}); the VM cannot go on")]
+    PostcopyBroken(Box<MigrationError>),
+    #[error("the target sent {0}")]
+    Invalid(String),
 }
 
 /// Pauses and resumes the whole VM (vCPUs and devices).
@@ -107,7 +138,8 @@ pub struct Source<'a> {
 pub fn migrate(src: &Source, opts: &MigrateOptions) -> Result<MigrationSummary, MigrationError> {
     let started = Instant::now();
     let vm = src.parts.vm;
-    let mut link = Link::new(transport::connect(&opts.to, opts.tls.client_config()?)?);
+    let tls = opts.tls.client_config()?;
+    let mut link = Link::new(transport::connect(&opts.to, tls.clone())?);
     let disk = match src.parts.disk {
         Some((block, path)) => Some(TrackedDisk::open(block, path)?),
         None => None,
@@ -124,16 +156,38 @@ pub fn migrate(src: &Source, opts: &MigrateOptions) -> Result<MigrationSummary, 
         devices: src.parts.devices.clone(),
         vcpus: src.parts.vcpus.len() as u8,
         cpuid: src.cpuid.to_vec(),
+        postcopy: opts.postcopy,
+        streams: opts.streams.max(1),
     };
     link.send(&Frame::Hello(Box::new(hello)))?;
     link.expect(Frame::Accept)?;
+    let mut extra = (1..opts.streams.max(1))
+        .map(|_| Ok(Link::new(transport::connect(&opts.to, tls.clone())?)))
+        .collect::<Result<Vec<_>, MigrationError>>()?;
+    // Post-copy: the target's pulls come on a connection of their own, so that they do not
+    // wait behind the pushed pages.
+    let mut pull = match opts.postcopy {
+        true => {
+            let (channel, closer) = transport::connect_closable(&opts.to, tls.clone())?;
+            Some((Link::new(channel), closer))
+        }
+        false => None,
+    };
 
     let mut summary = MigrationSummary::default();
     let tracking = Tracking::start(vm, disk.as_ref())?;
     let throttle = Throttle::default();
     let precopied = std::thread::scope(|s| {
         s.spawn(|| throttle.run(src.control));
-        let result = precopy(src, opts, &mut link, &tracking, &throttle, &mut summary);
+        let result = precopy(
+            src,
+            opts,
+            &mut link,
+            &mut extra,
+            &tracking,
+            &throttle,
+            &mut summary,
+        );
         throttle.stop();
         result
     });
@@ -148,29 +202,71 @@ pub fn migrate(src: &Source, opts: &MigrateOptions) -> Result<MigrationSummary, 
 
     src.control.pause();
     let paused = Instant::now();
-    let last = final_delta(src, &mut link, &tracking, pending, &mut summary);
-    if let Err(e) = last {
-        link.abort(&e.to_string());
-        src.control.resume();
-        return Err(e);
+    let pending = match last_changes(&tracking, pending) {
+        Ok(pending) => pending,
+        Err(e) => {
+            link.abort(&e.to_string());
+            src.control.resume();
+            return Err(e);
+        }
+    };
+    let holdings = Holdings::new(vm, disk.as_ref(), pending);
+    let handed_over = std::thread::scope(|s| {
+        // The paused VM answers pulls from the moment its state is out: the target may touch
+        // guest memory while it builds the VM.
+        let answering = pull.as_mut().map(|(pull, closer)| {
+            let (holdings, closer) = (&holdings, &*closer);
+            (s.spawn(move || serve::answer_pulls(pull, holdings)), closer)
+        });
+        let result = handover(
+            src,
+            &mut link,
+            &mut extra,
+            &holdings,
+            opts.postcopy,
+            &mut summary,
+        );
+        let result = result.and_then(|()| {
+            summary.downtime_ms = paused.elapsed().as_millis() as u64;
+            match &answering {
+                Some(_) => serve::push(&mut link, &holdings).map_err(Box::new),
+                None => Ok(serve::Pushed::default()),
+            }
+            .map_err(MigrationError::PostcopyBroken)
+        });
+        let answered = answering.map(|(thread, close)| {
+            if result.is_err() {
+                close.close();
+            }
+            thread.join().expect("the pull server does not panic")
+        });
+        let pushed = result?;
+        summary.memory_bytes += pushed.memory;
+        summary.disk_bytes += pushed.disk;
+        if let Some(answered) = answered {
+            let answered = answered.map_err(|e| MigrationError::PostcopyBroken(Box::new(e)))?;
+            summary.pulled = answered.units;
+            summary.memory_bytes += answered.memory;
+            summary.disk_bytes += answered.disk;
+            summary.wire_bytes += answered.wire_bytes;
+        }
+        Ok::<_, MigrationError>(())
+    });
+    match handed_over {
+        Ok(()) => {}
+        // Before the commit the VM is still this side's.
+        Err(e @ (MigrationError::Unconfirmed(_) | MigrationError::PostcopyBroken(_))) => {
+            return Err(e)
+        }
+        Err(e) => {
+            link.abort(&e.to_string());
+            src.control.resume();
+            return Err(e);
+        }
     }
-    // From here the target may run the VM: this side never resumes it on its own.
-    let confirmed = link
-        .send(&Frame::Commit)
-        .and_then(|_| link.expect(Frame::Committed));
-    if let Err(e) = confirmed {
-        return Err(MigrationError::Unconfirmed(e));
-    }
-    summary.downtime_ms = paused.elapsed().as_millis() as u64;
     summary.total_ms = started.elapsed().as_millis() as u64;
-    summary.wire_bytes = link.wire_bytes;
+    summary.wire_bytes += link.wire_bytes + extra.iter().map(|l| l.wire_bytes).sum::<u64>();
     Ok(summary)
-}
-
-/// What is dirty and not yet sent.
-struct Pending {
-    memory: Vec<Vec<u64>>,
-    disk: Vec<u64>,
 }
 
 /// Runs the rounds while the guest runs; returns what the final pause must still send.
@@ -178,13 +274,14 @@ fn precopy(
     src: &Source,
     opts: &MigrateOptions,
     link: &mut Link,
+    extra: &mut [Link],
     tracking: &Tracking,
     throttle: &Throttle,
     summary: &mut MigrationSummary,
-) -> Result<Pending, MigrationError> {
+) -> Result<Plan, MigrationError> {
     let vm = src.parts.vm;
     // Round 0: all the guest has touched; the target starts from zeros.
-    let mut pending = Pending {
+    let mut pending = Plan {
         memory: resident(vm)?,
         disk: tracking
             .disk
@@ -193,16 +290,15 @@ fn precopy(
             .unwrap_or_default(),
     };
     let mut previous_dirty = u64::MAX;
-    loop {
+    while summary.rounds < opts.max_rounds {
         if src.control.is_exiting() {
             return Err(MigrationError::VmStopped);
         }
         let round = Instant::now();
         let first = summary.rounds == 0;
-        let sent = send_memory(link, vm, &pending.memory, first)?
-            + send_disk(link, tracking.disk, &pending.disk, first)?;
-        // The peer's acknowledgement would cost a round trip; a full send buffer already
-        // paces this side to the link's rate.
+        let sent = send_spread(link, extra, vm, tracking.disk, &pending, first)?;
+        // The peer's acknowledgement would cost a round trip; full socket buffers already
+        // pace this side to the link's rate.
         let elapsed = round.elapsed().max(Duration::from_millis(1));
         summary.rounds += 1;
         summary.memory_bytes += sent.memory;
@@ -222,8 +318,8 @@ fn precopy(
             dirty >> 10,
             estimate_ms
         );
-        if estimate_ms <= opts.max_downtime_ms || summary.rounds >= opts.max_rounds {
-            return Ok(pending);
+        if estimate_ms <= opts.max_downtime_ms {
+            break;
         }
         // Not shrinking by a tenth per round: the guest writes about as fast as we send.
         if summary.rounds >= 2 && dirty * 10 > previous_dirty * 9 {
@@ -231,18 +327,12 @@ fn precopy(
         }
         previous_dirty = dirty;
     }
+    Ok(pending)
 }
 
-/// With the VM paused: the last dirty pages and blocks, then the VM's state, then waits
-/// for the target to have built it.
-fn final_delta(
-    src: &Source,
-    link: &mut Link,
-    tracking: &Tracking,
-    mut pending: Pending,
-    summary: &mut MigrationSummary,
-) -> Result<(), MigrationError> {
-    let vm = src.parts.vm;
+/// With the VM paused: makes the disk durable and adds what was written since the last
+/// round to `pending`.
+fn last_changes(tracking: &Tracking, mut pending: Plan) -> Result<Plan, MigrationError> {
     if let Some(disk) = &tracking.disk {
         disk.block
             .lock()
@@ -259,13 +349,54 @@ fn final_delta(
     for (w, m) in pending.disk.iter_mut().zip(&last.disk) {
         *w |= m;
     }
-    let sent = send_memory(link, vm, &pending.memory, false)?
-        + send_disk(link, tracking.disk, &pending.disk, false)?;
-    summary.memory_bytes += sent.memory;
-    summary.disk_bytes += sent.disk;
+    Ok(pending)
+}
+
+/// With the VM paused: what is still pending (pre-copy) or the plan of what the target lacks
+/// (post-copy), the VM's state, then the commit handshake.
+fn handover(
+    src: &Source,
+    link: &mut Link,
+    extra: &mut [Link],
+    holdings: &Holdings,
+    postcopy: bool,
+    summary: &mut MigrationSummary,
+) -> Result<(), MigrationError> {
+    let vm = src.parts.vm;
+    let plan = holdings.plan();
+    let started = Instant::now();
+    if !postcopy {
+        let sent = send_spread(link, extra, vm, holdings.disk(), plan, false)?;
+        summary.memory_bytes += sent.memory;
+        summary.disk_bytes += sent.disk;
+    }
+    // The other streams are done before the state (or plan) goes out on this one.
+    for l in extra.iter_mut() {
+        l.send(&Frame::Done)?;
+        l.flush()?;
+    }
+    if postcopy {
+        link.send(&Frame::Plan(Box::new(plan.clone())))?;
+    }
+    let data = started.elapsed();
     let state = persist::capture(&src.parts, layout(&vm.memory))?;
     link.send(&Frame::State(Box::new(state)))?;
+    let captured = started.elapsed();
     link.expect(Frame::Ready)?;
+    let ready = started.elapsed();
+    // From here the target may run the VM: this side never resumes it on its own.
+    link.send(&Frame::Commit)
+        .and_then(|_| link.expect(Frame::Committed))
+        .map_err(MigrationError::Unconfirmed)?;
+    // Where the pause goes.
+    log::info!(
+        "migration handover: last data queued after {} ms, state after {} ms, target ready \
+         after {} ms, committed after {} ms",
+        data.as_millis(),
+        captured.as_millis(),
+        ready.as_millis(),
+        started.elapsed().as_millis()
+    );
     Ok(())
 }
 
@@ -299,6 +430,60 @@ impl std::ops::Add for Sent {
             disk: self.disk + o.disk,
         }
     }
+}
+
+/// Sends the units set in `pending` over `link` and the `extra` streams, each unit on its
+/// stream ([`stream_of`]), the streams in parallel.
+fn send_spread(
+    link: &mut Link,
+    extra: &mut [Link],
+    vm: &Vm,
+    disk: Option<&TrackedDisk>,
+    pending: &Plan,
+    skip_zero: bool,
+) -> Result<Sent, MigrationError> {
+    let streams = extra.len() + 1;
+    let send = |i: usize, link: &mut Link| -> Result<Sent, MigrationError> {
+        let mine = |at: &u64| stream_of(*at, streams) == i;
+        let memory = send_pages(
+            link,
+            vm,
+            plan_pages(vm, &pending.memory).filter(mine),
+            skip_zero,
+        )?;
+        let disk = match disk {
+            Some(d) => send_blocks(
+                link,
+                d,
+                plan_blocks(d, &pending.disk).filter(mine),
+                skip_zero,
+            )?,
+            None => 0,
+        };
+        // Out of the buffer now: the round's rate counts it, and the pause does not inherit
+        // it.
+        link.flush()?;
+        Ok(Sent { memory, disk })
+    };
+    if extra.is_empty() {
+        return send(0, link);
+    }
+    std::thread::scope(|s| {
+        let others: Vec<_> = extra
+            .iter_mut()
+            .enumerate()
+            .map(|(i, l)| s.spawn(move || send(i + 1, l)))
+            .collect();
+        let mut total = send(0, link);
+        for other in others {
+            let sent = other.join().expect("a stream's sender does not panic");
+            total = match (total, sent) {
+                (Ok(a), Ok(b)) => Ok(a + b),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+        }
+        total
+    })
 }
 
 /// Collects units into batch frames and sends each when full.
@@ -356,52 +541,62 @@ impl<'l> Batcher<'l> {
     }
 }
 
-/// Sends the pages set in `dirty` (per region).
-fn send_memory(
-    link: &mut Link,
-    vm: &Vm,
-    dirty: &[Vec<u64>],
-    skip_zero: bool,
-) -> Result<Sent, MigrationError> {
-    let mut out = Batcher::new(link, Frame::Memory, PAGE, skip_zero);
-    let mut page = [0u8; PAGE];
-    for (region, words) in vm.memory.iter().zip(dirty) {
-        let base = region.start_addr().0;
-        for at in set_bits(words).map(|i| (i * PAGE) as u64) {
-            if at >= region.len() {
-                break;
-            }
-            region
-                .read_slice(&mut page, MemoryRegionAddress(at))
-                .map_err(|source| {
-                    PersistError::from(SnapshotMemoryError::Read {
-                        addr: base + at,
-                        source,
-                    })
-                })?;
-            out.push(base + at, &page)?;
-        }
-    }
-    Ok(Sent {
-        memory: out.finish()?,
-        disk: 0,
+/// The guest addresses of the pages set in `pages` (a bitmap per region).
+pub(super) fn plan_pages<'a>(vm: &'a Vm, pages: &'a [Vec<u64>]) -> impl Iterator<Item = u64> + 'a {
+    vm.memory.iter().zip(pages).flat_map(|(region, words)| {
+        let (base, len) = (region.start_addr().0, region.len());
+        set_bits(words)
+            .map(|i| (i * PAGE) as u64)
+            .take_while(move |at| *at < len)
+            .map(move |at| base + at)
     })
 }
 
-/// Sends the disk blocks set in `dirty`.
-fn send_disk(
+/// The offsets of the disk blocks set in `blocks`.
+pub(super) fn plan_blocks<'a>(
+    disk: &TrackedDisk,
+    blocks: &'a [u64],
+) -> impl Iterator<Item = u64> + 'a {
+    let count = disk.blocks();
+    set_bits(blocks)
+        .take_while(move |i| *i < count)
+        .map(|i| (i * DISK_BLOCK) as u64)
+}
+
+/// Sends the pages at these guest addresses; returns the bytes sent.
+pub(super) fn send_pages(
     link: &mut Link,
-    disk: Option<&TrackedDisk>,
-    dirty: &[u64],
+    vm: &Vm,
+    pages: impl IntoIterator<Item = u64>,
     skip_zero: bool,
-) -> Result<Sent, MigrationError> {
-    let Some(disk) = disk else {
-        return Ok(Sent::default());
-    };
+) -> Result<u64, MigrationError> {
+    let mut out = Batcher::new(link, Frame::Memory, PAGE, skip_zero);
+    let mut page = [0u8; PAGE];
+    for at in pages {
+        if at % PAGE as u64 != 0 {
+            return Err(MigrationError::Invalid(format!("a page at {at:#x}")));
+        }
+        vm.memory
+            .read_slice(&mut page, GuestAddress(at))
+            .map_err(|source| PersistError::from(SnapshotMemoryError::Read { addr: at, source }))?;
+        out.push(at, &page)?;
+    }
+    Ok(out.finish()?)
+}
+
+/// Sends the disk blocks at these offsets; returns the bytes sent.
+pub(super) fn send_blocks(
+    link: &mut Link,
+    disk: &TrackedDisk,
+    blocks: impl IntoIterator<Item = u64>,
+    skip_zero: bool,
+) -> Result<u64, MigrationError> {
     let mut out = Batcher::new(link, Frame::Disk, DISK_BLOCK, skip_zero);
     let mut block = vec![0u8; DISK_BLOCK];
-    for index in set_bits(dirty).take_while(|i| *i < disk.blocks()) {
-        let at = (index * DISK_BLOCK) as u64;
+    for at in blocks {
+        if at % DISK_BLOCK as u64 != 0 || at >= disk.size {
+            return Err(MigrationError::Invalid(format!("a disk block at {at}")));
+        }
         // The last block may be short; the target writes only what fits its disk.
         let len = (disk.size - at).min(DISK_BLOCK as u64) as usize;
         block[len..].fill(0);
@@ -410,14 +605,11 @@ fn send_disk(
             .map_err(MigrationError::Disk)?;
         out.push(at, &block)?;
     }
-    Ok(Sent {
-        memory: 0,
-        disk: out.finish()?,
-    })
+    Ok(out.finish()?)
 }
 
 /// The root disk as the migration reads it: its own descriptor on the image file.
-struct TrackedDisk<'a> {
+pub(super) struct TrackedDisk<'a> {
     block: &'a Mutex<Block>,
     file: File,
     size: u64,
@@ -458,8 +650,8 @@ impl<'a> Tracking<'a> {
     }
 
     /// What was written since the last look.
-    fn take(&self) -> Result<Pending, MigrationError> {
-        Ok(Pending {
+    fn take(&self) -> Result<Plan, MigrationError> {
+        Ok(Plan {
             memory: self.vm.take_dirty_pages()?,
             disk: self.disk_log.get_and_reset(),
         })

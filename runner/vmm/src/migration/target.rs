@@ -1,10 +1,12 @@
 //! The receiving side: waits for one authenticated source, checks up front that the VM fits
 //! this host, fills fresh guest memory and a new disk image with what arrives, builds the VM
 //! from the final state, and runs it only once the source commits. Anything short of that
-//! leaves nothing behind: no disk image, no socket, no VM.
+//! leaves nothing behind: no disk image, no socket, no VM. A post-copy's rest arrives after
+//! the commit ([`super::pull`]).
 
 use super::link::{Link, LinkError};
-use super::protocol::{Batch, Frame, Hello, Unit};
+use super::protocol::{Batch, Frame, Hello, Plan, Unit};
+use super::pull::Postcopy;
 use super::transport::{Listener, TlsFiles, TransportError};
 use super::{DISK_BLOCK, PAGE};
 use crate::devices::serial::SerialOutput;
@@ -16,7 +18,11 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress};
+
+/// More streams than this means a broken or hostile source.
+const MAX_STREAMS: u8 = 16;
 
 #[derive(Debug, Clone)]
 pub struct ReceiveConfig {
@@ -37,6 +43,8 @@ pub enum ReceiveError {
     Unfit(Box<crate::Error>),
     #[error("the source sent {0}")]
     Invalid(String),
+    #[error("post-copy: {0}")]
+    Postcopy(String),
     #[error("writing the disk image {path}: {source}")]
     Disk {
         path: PathBuf,
@@ -71,6 +79,21 @@ pub struct Incoming {
     vmm: Vmm,
     link: Link,
     disk: Option<NewDisk>,
+    postcopy: Option<PostcopyRun>,
+}
+
+/// A post-copy set up on this side; stopped unless the VM it belongs to runs.
+struct PostcopyRun {
+    shared: Arc<Postcopy>,
+    running: bool,
+}
+
+impl Drop for PostcopyRun {
+    fn drop(&mut self) {
+        if !self.running {
+            self.shared.stop();
+        }
+    }
 }
 
 impl Incoming {
@@ -80,8 +103,8 @@ impl Incoming {
     }
 
     /// Tells the source the VM is ready and waits for its commit; then the VM is this
-    /// host's to run. Without a commit (the source gave up, the link broke) everything
-    /// received is dropped.
+    /// host's to run (after a post-copy, with the rest arriving as it runs). Without a
+    /// commit (the source gave up, the link broke) everything received is dropped.
     pub fn commit(mut self) -> Result<Vmm, ReceiveError> {
         self.link.send(&Frame::Ready)?;
         self.link.expect(Frame::Commit)?;
@@ -95,6 +118,19 @@ impl Incoming {
         }
         if let Some(disk) = &mut self.disk {
             disk.keep = true;
+        }
+        if let Some(run) = &mut self.postcopy {
+            let shared = run.shared.clone();
+            shared.watch(self.vmm.exit_signal());
+            if let (Some(block), Some(disk)) = (self.vmm.disk(), shared.disk()) {
+                block.lock().unwrap().fill_from(Some(disk));
+            }
+            let mut link = self.link;
+            std::thread::Builder::new()
+                .name("postcopy-push".into())
+                .spawn(move || shared.receive_pushed(&mut link))
+                .map_err(|e| ReceiveError::Postcopy(format!("cannot start a thread: {e}")))?;
+            run.running = true;
         }
         Ok(self.vmm)
     }
@@ -112,16 +148,19 @@ pub fn receive(
         source,
     })?);
     let mut link = Link::new(listener.accept()?);
-    let hello = match link.receive()? {
-        Frame::Hello(hello) => hello,
-        other => {
-            return Err(ReceiveError::Invalid(format!(
-                "{} before hello",
-                other.name()
-            )))
+    let hello = match link.receive() {
+        Ok(Frame::Hello(hello)) => hello,
+        received => {
+            let e = match received {
+                Ok(other) => ReceiveError::Invalid(format!("{} before hello", other.name())),
+                Err(e) => e.into(),
+            };
+            // Tell the source why (another protocol version, say) rather than hang up.
+            link.abort(&e.to_string());
+            return Err(e);
         }
     };
-    let (vm, mut disk) = match prepare(&hello, &cfg.place) {
+    let (vm, disk) = match prepare(&hello, &cfg.place) {
         Ok(prepared) => prepared,
         Err(e) => {
             link.abort(&e.to_string());
@@ -129,7 +168,37 @@ pub fn receive(
         }
     };
     link.send(&Frame::Accept)?;
-    let received = fill(&mut link, &vm, disk.as_mut()).and_then(|state| {
+    link.flush()?;
+    // The source's further connections, in the order it opens them: the other streams,
+    // then a post-copy's pulls.
+    if hello.streams == 0 || hello.streams > MAX_STREAMS {
+        let e = ReceiveError::Invalid(format!("{} streams", hello.streams));
+        link.abort(&e.to_string());
+        return Err(e);
+    }
+    let mut extra = (1..hello.streams)
+        .map(|_| Ok(Link::new(listener.accept_more()?)))
+        .collect::<Result<Vec<_>, ReceiveError>>()?;
+    let mut pull = match hello.postcopy {
+        true => Some(Link::new(listener.accept_more()?)),
+        false => None,
+    };
+    let mut postcopy = None;
+    let filled = std::thread::scope(|s| {
+        let (vm, disk) = (&vm, disk.as_ref());
+        let streams = extra
+            .iter_mut()
+            .map(|l| s.spawn(move || fill_stream(l, vm, disk)))
+            .collect();
+        let filled = fill(&mut link, vm, disk, hello.postcopy, streams);
+        if let Err(e) = &filled {
+            // The source then closes the other streams, which ends their receivers.
+            link.abort(&e.to_string());
+        }
+        filled
+    });
+    let received = filled.and_then(|(state, plan)| {
+        let arrived = std::time::Instant::now();
         // What was checked up front must be what arrives.
         if state.memory_mib != hello.memory_mib {
             return Err(ReceiveError::Invalid(format!(
@@ -145,10 +214,34 @@ pub fn receive(
                 hello.vcpus
             )));
         }
-        Ok(Vmm::rebuild(vm, &state, &cfg.place, console)?)
+        if let (Some((plan, stale)), Some(mut pull)) = (plan, pull.take()) {
+            let image = disk.as_ref().map(|d| (&d.file, d.len));
+            let shared = Arc::new(Postcopy::prepare(&vm, image, &plan, stale)?);
+            // Faults are served from now on: building the VM may touch its memory.
+            let faults = shared.clone();
+            std::thread::Builder::new()
+                .name("postcopy-faults".into())
+                .spawn(move || faults.serve_faults(&mut pull))
+                .map_err(|e| ReceiveError::Postcopy(format!("cannot start a thread: {e}")))?;
+            postcopy = Some(PostcopyRun {
+                shared,
+                running: false,
+            });
+        }
+        let vmm = Vmm::rebuild(vm, &state, &cfg.place, console)?;
+        log::info!(
+            "built the VM {} ms after its state arrived",
+            arrived.elapsed().as_millis()
+        );
+        Ok(vmm)
     });
     match received {
-        Ok(vmm) => Ok(Incoming { vmm, link, disk }),
+        Ok(vmm) => Ok(Incoming {
+            vmm,
+            link,
+            disk,
+            postcopy,
+        }),
         Err(e) => {
             link.abort(&e.to_string());
             Err(e)
@@ -168,9 +261,9 @@ fn prepare(hello: &Hello, place: &Placement) -> Result<(Vm, Option<NewDisk>), Re
             hello.regions, hello.memory_mib
         )));
     }
+    check_fits(hello.vcpus, &hello.cpuid, &hello.devices, place)?;
     let mem = memory::create(hello.memory_mib << 20).map_err(|e| crate::Error::Vm(e.into()))?;
     let vm = Vm::new(mem).map_err(crate::Error::Vm)?;
-    check_fits(&vm, hello.vcpus, &hello.cpuid, &hello.devices, place)?;
     let disk = match (hello.disk_len, &place.rootfs) {
         (Some(len), Some(path)) => {
             let made = File::options()
@@ -195,68 +288,72 @@ fn prepare(hello: &Hello, place: &Placement) -> Result<(Vm, Option<NewDisk>), Re
     Ok((vm, disk))
 }
 
-/// Writes what arrives into memory and disk until the state comes.
+/// The VM's state, with a post-copy's plan and whether pages arrived before it.
+type Filled = (Box<crate::persist::MachineState>, Option<(Plan, bool)>);
+
+/// The other streams' receivers: each returns whether pages arrived on it.
+type Streams<'s> = Vec<std::thread::ScopedJoinHandle<'s, Result<bool, ReceiveError>>>;
+
+/// Writes what arrives into memory and disk until the state comes; returns it with a
+/// post-copy's plan and whether pages arrived before that plan. The other streams must
+/// have ended before the plan or the state.
 fn fill(
     link: &mut Link,
     vm: &Vm,
-    mut disk: Option<&mut NewDisk>,
-) -> Result<Box<crate::persist::MachineState>, ReceiveError> {
-    let zeros = vec![0u8; PAGE.max(DISK_BLOCK)];
+    disk: Option<&NewDisk>,
+    postcopy: bool,
+    mut streams: Streams,
+) -> Result<Filled, ReceiveError> {
+    let mut plan = None;
+    let mut pages_arrived = false;
+    let mut end_streams = |pages_arrived: &mut bool| -> Result<(), ReceiveError> {
+        for stream in streams.drain(..) {
+            *pages_arrived |= stream.join().expect("a stream's receiver does not panic")?;
+        }
+        Ok(())
+    };
     loop {
         match link.receive()? {
-            Frame::Memory(batch) => {
-                check_unit(&batch, PAGE, "memory")?;
-                for (at, unit) in &batch.items {
-                    let data = match unit {
-                        Unit::Zero => &zeros[..PAGE],
-                        Unit::Data(d) => &d[..],
-                    };
-                    if at % PAGE as u64 != 0 {
-                        return Err(ReceiveError::Invalid(format!("a page at {at:#x}")));
-                    }
-                    vm.memory
-                        .write_slice(data, GuestAddress(*at))
-                        .map_err(|e| {
-                            ReceiveError::Invalid(format!("a page at {at:#x} outside memory: {e}"))
-                        })?;
-                }
+            Frame::Plan(p) if postcopy && plan.is_none() => {
+                end_streams(&mut pages_arrived)?;
+                plan = Some(*p);
             }
-            Frame::Disk(batch) => {
-                check_unit(&batch, DISK_BLOCK, "disk")?;
-                let Some(disk) = disk.as_deref_mut() else {
-                    return Err(ReceiveError::Invalid(
-                        "disk blocks for a VM without disk".into(),
-                    ));
-                };
-                for (at, unit) in &batch.items {
-                    if at % DISK_BLOCK as u64 != 0 || *at >= disk.len {
-                        return Err(ReceiveError::Invalid(format!("a disk block at {at}")));
-                    }
-                    let len = (disk.len - at).min(DISK_BLOCK as u64) as usize;
-                    let data = match unit {
-                        Unit::Zero => &zeros[..len],
-                        Unit::Data(d) => &d[..len],
-                    };
-                    disk.file
-                        .write_all_at(data, *at)
-                        .map_err(|source| ReceiveError::Disk {
-                            path: disk.path.clone(),
-                            source,
-                        })?;
-                }
+            Frame::Memory(_) | Frame::Disk(_) if plan.is_some() => {
+                return Err(ReceiveError::Invalid(
+                    "memory or disk between the plan and the state".into(),
+                ))
             }
+            Frame::State(_) if postcopy && plan.is_none() => {
+                return Err(ReceiveError::Invalid("a post-copy without a plan".into()))
+            }
+            Frame::Memory(batch) => pages_arrived |= write_memory(vm, &batch)?,
+            Frame::Disk(batch) => write_disk(disk, &batch)?,
             Frame::State(state) => {
+                end_streams(&mut pages_arrived)?;
                 if let Some(disk) = disk {
                     disk.file.sync_data().map_err(|source| ReceiveError::Disk {
                         path: disk.path.clone(),
                         source,
                     })?;
                 }
-                return Ok(state);
+                return Ok((state, plan.map(|p| (p, pages_arrived))));
             }
+            other => return Err(unexpected(&other)),
+        }
+    }
+}
+
+/// Receives one of the other streams until its `Done`; returns whether pages arrived.
+fn fill_stream(link: &mut Link, vm: &Vm, disk: Option<&NewDisk>) -> Result<bool, ReceiveError> {
+    let mut pages_arrived = false;
+    loop {
+        match link.receive()? {
+            Frame::Memory(batch) => pages_arrived |= write_memory(vm, &batch)?,
+            Frame::Disk(batch) => write_disk(disk, &batch)?,
+            Frame::Done => return Ok(pages_arrived),
             other => {
                 return Err(ReceiveError::Invalid(format!(
-                    "an unexpected {} frame",
+                    "an unexpected {} frame on a data stream",
                     other.name()
                 )))
             }
@@ -264,7 +361,64 @@ fn fill(
     }
 }
 
-fn check_unit(batch: &Batch, unit: usize, what: &str) -> Result<(), ReceiveError> {
+/// Writes a batch of pages into guest memory; returns whether it held any.
+fn write_memory(vm: &Vm, batch: &Batch) -> Result<bool, ReceiveError> {
+    check_unit(batch, PAGE, "memory")?;
+    let zeros = [0u8; PAGE];
+    for (at, unit) in &batch.items {
+        let data = match unit {
+            Unit::Zero => &zeros[..],
+            Unit::Data(d) => &d[..],
+        };
+        if at % PAGE as u64 != 0 {
+            return Err(ReceiveError::Invalid(format!("a page at {at:#x}")));
+        }
+        vm.memory
+            .write_slice(data, GuestAddress(*at))
+            .map_err(|e| ReceiveError::Invalid(format!("a page at {at:#x} outside memory: {e}")))?;
+    }
+    Ok(!batch.items.is_empty())
+}
+
+/// Writes a batch of blocks into the new disk image.
+fn write_disk(disk: Option<&NewDisk>, batch: &Batch) -> Result<(), ReceiveError> {
+    check_unit(batch, DISK_BLOCK, "disk")?;
+    let Some(disk) = disk else {
+        return Err(ReceiveError::Invalid(
+            "disk blocks for a VM without disk".into(),
+        ));
+    };
+    for (at, unit) in &batch.items {
+        disk.file
+            .write_all_at(block_bytes(unit, *at, disk.len)?, *at)
+            .map_err(|source| ReceiveError::Disk {
+                path: disk.path.clone(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+static ZERO_BLOCK: [u8; DISK_BLOCK] = [0; DISK_BLOCK];
+
+/// What the block at `at` of a `disk_len`-byte image holds (the last block may be short),
+/// or why it cannot be one.
+pub(super) fn block_bytes(unit: &Unit, at: u64, disk_len: u64) -> Result<&[u8], ReceiveError> {
+    if !at.is_multiple_of(DISK_BLOCK as u64) || at >= disk_len {
+        return Err(ReceiveError::Invalid(format!("a disk block at {at}")));
+    }
+    let len = (disk_len - at).min(DISK_BLOCK as u64) as usize;
+    Ok(match unit {
+        Unit::Zero => &ZERO_BLOCK[..len],
+        Unit::Data(d) => &d[..len],
+    })
+}
+
+pub(super) fn unexpected(frame: &Frame) -> ReceiveError {
+    ReceiveError::Invalid(format!("an unexpected {} frame", frame.name()))
+}
+
+pub(super) fn check_unit(batch: &Batch, unit: usize, what: &str) -> Result<(), ReceiveError> {
     if batch.unit != unit {
         return Err(ReceiveError::Invalid(format!(
             "{what} in units of {} bytes (expected {unit})",

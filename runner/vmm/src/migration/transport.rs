@@ -9,6 +9,7 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, Server
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,6 +136,23 @@ fn tuned(tcp: TcpStream) -> io::Result<TcpStream> {
 
 /// Connects to the receiving runner at `addr` and completes the TLS handshake.
 pub fn connect(addr: &str, config: Arc<ClientConfig>) -> Result<Channel, TransportError> {
+    connect_closable(addr, config).map(|(channel, _)| channel)
+}
+
+/// Shuts a connection down from another thread, so that a thread blocked on it returns.
+pub struct Closer(TcpStream);
+
+impl Closer {
+    pub fn close(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// [`connect`], with a way to shut the connection down while another thread uses it.
+pub fn connect_closable(
+    addr: &str,
+    config: Arc<ClientConfig>,
+) -> Result<(Channel, Closer), TransportError> {
     let io_error = |what: &str| {
         let what = format!("{what} {addr}");
         move |source| TransportError::Io { what, source }
@@ -147,6 +165,10 @@ pub fn connect(addr: &str, config: Arc<ClientConfig>) -> Result<Channel, Transpo
     let tcp = TcpStream::connect_timeout(&target, IO_TIMEOUT)
         .and_then(tuned)
         .map_err(io_error("connect to"))?;
+    let closer = Closer(
+        tcp.try_clone()
+            .map_err(io_error("duplicate the connection to"))?,
+    );
     let name = ServerName::try_from(PEER_NAME).expect("a valid DNS name");
     let conn = ClientConnection::new(config, name).map_err(config_error)?;
     let mut stream = rustls::StreamOwned::new(conn, tcp);
@@ -157,7 +179,7 @@ pub fn connect(addr: &str, config: Arc<ClientConfig>) -> Result<Channel, Transpo
             .complete_io(&mut stream.sock)
             .map_err(io_error("authenticate the migration peer at"))?;
     }
-    Ok(Box::new(stream))
+    Ok((Box::new(stream), closer))
 }
 
 /// Listens for one authenticated source.
@@ -177,6 +199,28 @@ impl Listener {
 
     pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
         self.tcp.local_addr()
+    }
+
+    /// A further connection of the source already accepted (more streams, the pull
+    /// channel), which must come within [`IO_TIMEOUT`].
+    pub fn accept_more(&self) -> Result<Channel, TransportError> {
+        let mut fd = libc::pollfd {
+            fd: self.tcp.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the listening socket, which outlives the call.
+        let ready = unsafe { libc::poll(&mut fd, 1, IO_TIMEOUT.as_millis() as i32) };
+        if ready <= 0 {
+            return Err(TransportError::Io {
+                what: "accept the source's further connection".into(),
+                source: match ready {
+                    0 => io::ErrorKind::TimedOut.into(),
+                    _ => io::Error::last_os_error(),
+                },
+            });
+        }
+        self.accept()
     }
 
     /// Waits for a peer that completes the TLS handshake with a certificate the CA signed;

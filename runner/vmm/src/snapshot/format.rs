@@ -40,35 +40,46 @@ pub enum FormatError {
     },
 }
 
+/// The state file's bytes for `state`: header, then payload.
+pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let payload = serde_json::to_vec(state)?;
+    let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
+    bytes.extend_from_slice(&MAGIC);
+    bytes.extend_from_slice(&VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&Sha256::digest(&payload));
+    bytes.extend_from_slice(&payload);
+    Ok(bytes)
+}
+
 /// Writes `state` to `path` (which is replaced), durably.
 pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<(), FormatError> {
     let io_err = |source| FormatError::Io {
         path: path.display().to_string(),
         source,
     };
-    let payload = serde_json::to_vec(state).map_err(|e| io_err(io::Error::other(e)))?;
-    let mut header = Vec::with_capacity(HEADER_LEN);
-    header.extend_from_slice(&MAGIC);
-    header.extend_from_slice(&VERSION.to_le_bytes());
-    header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    header.extend_from_slice(&Sha256::digest(&payload));
+    let bytes = encode(state).map_err(|e| io_err(io::Error::other(e)))?;
     let mut file = File::create(path).map_err(io_err)?;
-    file.write_all(&header).map_err(io_err)?;
-    file.write_all(&payload).map_err(io_err)?;
+    file.write_all(&bytes).map_err(io_err)?;
     file.sync_all().map_err(io_err)
 }
 
 /// Reads and checks the state at `path`.
 pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
     let name = path.display().to_string();
-    let io_err = |source| FormatError::Io {
-        path: name.clone(),
-        source,
-    };
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(io_err)?;
+        .map_err(|source| FormatError::Io {
+            path: name.clone(),
+            source,
+        })?;
+    decode(&bytes, &name)
+}
+
+/// Checks and parses the bytes of a state file; `name` says where they came from in errors.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], name: &str) -> Result<T, FormatError> {
+    let name = name.to_string();
     let truncated = |expected: u64| FormatError::Truncated {
         path: name.clone(),
         found: bytes.len() as u64,
@@ -130,8 +141,10 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let (_dir, path, _) = written();
+        let (_dir, path, bytes) = written();
         assert_eq!(read::<State>(&path).unwrap(), sample());
+        assert_eq!(encode(&sample()).unwrap(), bytes);
+        assert_eq!(decode::<State>(&bytes, "in memory").unwrap(), sample());
     }
 
     #[test]

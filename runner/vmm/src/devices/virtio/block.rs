@@ -45,6 +45,12 @@ impl RequestError {
     }
 }
 
+/// Parts of the image that are not there yet (a post-copy migration brings them in the
+/// background): a request waits until the range it touches has arrived.
+pub trait Arriving: Send + Sync {
+    fn wait_for(&self, offset: u64, len: usize) -> std::io::Result<()>;
+}
+
 pub struct Block {
     common: VirtioCommon,
     disk: File,
@@ -53,6 +59,7 @@ pub struct Block {
     id: String,
     /// While a migration copies the disk: the blocks written since it last looked.
     written: Option<Arc<AtomicBitmap>>,
+    arriving: Option<Arc<dyn Arriving>>,
 }
 
 impl Block {
@@ -75,6 +82,7 @@ impl Block {
             read_only,
             id,
             written: None,
+            arriving: None,
         })
     }
 
@@ -142,6 +150,7 @@ impl Block {
             VIRTIO_BLK_T_IN => {
                 let len = out.available_bytes();
                 let offset = self.check_range(sector, len)?;
+                self.wait_for(offset, len)?;
                 let mut buf = vec![0u8; len];
                 self.disk.read_exact_at(&mut buf, offset)?;
                 out.write_all(&buf)?;
@@ -150,6 +159,8 @@ impl Block {
             VIRTIO_BLK_T_OUT => {
                 let len = req.available_bytes();
                 let offset = self.check_range(sector, len)?;
+                // A partial write of a block that has not arrived must land on its data.
+                self.wait_for(offset, len)?;
                 let mut buf = vec![0u8; len];
                 req.read_exact(&mut buf)?;
                 self.disk.write_all_at(&buf, offset)?;
@@ -180,6 +191,18 @@ impl Block {
             Some(end) if end <= self.capacity_sectors * SECTOR_SIZE => Ok(sector * SECTOR_SIZE),
             _ => Err(RequestError::OutOfRange { sector, len }),
         }
+    }
+
+    fn wait_for(&self, offset: u64, len: usize) -> std::io::Result<()> {
+        match &self.arriving {
+            Some(arriving) if len > 0 => arriving.wait_for(offset, len),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes requests wait for the parts of the image that `arriving` still lacks (or stops).
+    pub fn fill_from(&mut self, arriving: Option<Arc<dyn Arriving>>) {
+        self.arriving = arriving;
     }
 
     /// Records the guest's writes in `log` (one bit per block of its page size), or stops.
