@@ -8,7 +8,7 @@
 //! restore latency, from the test host starting the new VMM process (its own start
 //! included) from the saved state until the guest's agent answers a ping over its virtio
 //! console. That includes one agent round trip, which in the emulated test host is slow
-//! (~0.5 s), noisy, and the same for both VMMs; so each restored guest is then pinged
+//! (tens of ms), noisy, and the same for both VMMs; so each restored guest is then pinged
 //! `PINGS` more times, in the same way, and the latency less the median of those round
 //! trips is reported as "restore → guest runs".
 //!

@@ -8,7 +8,9 @@ mod binaries;
 mod error;
 mod l1image;
 pub mod microvm;
+mod monitor;
 mod paths;
+mod retry;
 pub mod scheduler;
 mod testhost;
 pub mod tls;
@@ -20,6 +22,7 @@ pub use microvm::{
     boot_guest, receive_guest, restore_guest, GuestVmm, MicrovmGuest, MicrovmOptions,
 };
 pub use paths::GuestArtifacts;
+pub use retry::again_if_a_host_broke;
 pub use scheduler::SchedulerProcess;
 pub use testhost::{TestHost, TestHostOptions};
 pub use workload::{Expected, Workload};

@@ -13,6 +13,7 @@ use hopper_agent::{AgentClient, Exec, ExecOutput};
 
 use crate::error::tail;
 use crate::l1image::{l1_initramfs, DEFAULT_MODULES};
+use crate::monitor;
 use crate::paths::{cache_dir, GuestArtifacts};
 use crate::HarnessError;
 
@@ -21,6 +22,8 @@ const AGENT_PORT: u16 = 7000;
 const CONSOLE_TAIL_LINES: usize = 40;
 /// QEMU picks host ports we chose moments earlier; another process may take one first.
 const PORT_RACE_RETRIES: usize = 3;
+/// QEMU's human monitor, in the host's log directory.
+const MONITOR: &str = "monitor.sock";
 
 #[derive(Debug, Clone)]
 pub struct TestHostOptions {
@@ -70,6 +73,8 @@ pub struct TestHost {
     exec_timeout: Duration,
     /// Set when this host produced an error: its logs are then kept for the post-mortem.
     failed: AtomicBool,
+    /// Set by [`TestHost::kill`]: QEMU exiting after it is expected, before it a breakdown.
+    killed: AtomicBool,
 }
 
 impl TestHost {
@@ -156,6 +161,11 @@ impl TestHost {
             ])
             .arg("-serial")
             .arg(format!("file:{}", dir.join("console.log").display()))
+            .arg("-monitor")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                dir.join(MONITOR).display()
+            ))
             .arg("-kernel")
             .arg(kernel)
             .arg("-initrd")
@@ -181,6 +191,7 @@ impl TestHost {
             agent: Mutex::new(None),
             exec_timeout: opts.exec_timeout,
             failed: AtomicBool::new(false),
+            killed: AtomicBool::new(false),
         })
     }
 
@@ -325,6 +336,7 @@ impl TestHost {
 
     /// SIGKILLs the host's QEMU: what a reclaimed spot instance looks like from outside.
     pub fn kill(&self) {
+        self.killed.store(true, Ordering::Relaxed);
         let mut qemu = self.qemu.lock().unwrap_or_else(|e| e.into_inner());
         let _ = qemu.kill();
         let _ = qemu.wait();
@@ -361,8 +373,47 @@ impl TestHost {
         let result = f(slot.as_mut().expect("connected above"));
         result.map_err(|e| {
             *slot = None;
-            self.error(format!("agent request failed: {e}"))
+            let died = self
+                .exited()
+                .filter(|_| !self.killed.load(Ordering::Relaxed));
+            match (e, died) {
+                (e, Some(status)) => self.broke(format!(
+                    "QEMU exited ({status}) during a request ({e}): {}",
+                    self.qemu_log()
+                )),
+                (e @ hopper_agent::ClientError::Timeout(_), None) => self.broke(e.to_string()),
+                (e, None) => self.error(format!("agent request failed: {e}")),
+            }
         })
+    }
+
+    /// The host itself broke down: QEMU's view of its CPUs goes next to its logs.
+    fn broke(&self, what: String) -> HarnessError {
+        self.failed.store(true, Ordering::Relaxed);
+        let file = self.dir.join("breakdown.txt");
+        let cpus = if self.is_running() {
+            let report = monitor::ask(
+                &self.dir.join(MONITOR),
+                &["info cpus", "info registers -a", "info irq", "info pic"],
+            );
+            let _ = fs::write(&file, &report);
+            let summary: Vec<&str> = report
+                .lines()
+                .filter(|l| l.contains("CPU #") || l.starts_with("RIP="))
+                .collect();
+            format!(
+                "; its CPUs: {} (registers in {})",
+                summary.join(", "),
+                file.display()
+            )
+        } else {
+            String::new()
+        };
+        HarnessError::HostBroke {
+            host: self.name.clone(),
+            what: format!("{what}{cpus}"),
+            console: self.console_tail(),
+        }
     }
 
     fn qemu_log(&self) -> String {

@@ -45,6 +45,10 @@ fn assert_ran_with_its_jit_config(s: &Setup, id: u64) -> anyhow::Result<()> {
 
 #[test]
 fn queued_job_runs_in_a_microvm_and_leaves_nothing_behind() -> anyhow::Result<()> {
+    hopper_tests::again_if_a_host_broke(queued_job_runs_in_a_microvm_and_leaves_nothing_behind_run)
+}
+
+fn queued_job_runs_in_a_microvm_and_leaves_nothing_behind_run() -> anyhow::Result<()> {
     let _serial = serial();
     let s = Setup::start("e2e-one", 2, 2048)?;
     // The guest reaches the outside world through its host's NAT: the job fetches a token
@@ -107,6 +111,10 @@ fn queued_job_runs_in_a_microvm_and_leaves_nothing_behind() -> anyhow::Result<()
 
 #[test]
 fn four_jobs_at_once_then_a_crashing_guest_is_failed() -> anyhow::Result<()> {
+    hopper_tests::again_if_a_host_broke(four_jobs_at_once_then_a_crashing_guest_is_failed_run)
+}
+
+fn four_jobs_at_once_then_a_crashing_guest_is_failed_run() -> anyhow::Result<()> {
     let _serial = serial();
     let s = Setup::start("e2e-four", 4, 4096)?;
     // Counts the host's VMMs every 100 ms, to show the four jobs overlapped.
@@ -173,6 +181,10 @@ fn four_jobs_at_once_then_a_crashing_guest_is_failed() -> anyhow::Result<()> {
 
 #[test]
 fn runner_restart_fails_the_interrupted_job_and_cleans_up() -> anyhow::Result<()> {
+    hopper_tests::again_if_a_host_broke(runner_restart_fails_the_interrupted_job_and_cleans_up_run)
+}
+
+fn runner_restart_fails_the_interrupted_job_and_cleans_up_run() -> anyhow::Result<()> {
     let _serial = serial();
     let s = Setup::start("e2e-restart", 2, 2048)?;
     let labels = ["hopper-1cpu-1gb"];

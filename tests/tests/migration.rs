@@ -163,6 +163,12 @@ fn sha256(host: &TestHost, path: &str) -> Result<String> {
 
 #[test]
 fn a_running_guest_moves_between_hosts_and_finishes_its_work() -> Result<()> {
+    hopper_tests::again_if_a_host_broke(
+        a_running_guest_moves_between_hosts_and_finishes_its_work_run,
+    )
+}
+
+fn a_running_guest_moves_between_hosts_and_finishes_its_work_run() -> Result<()> {
     let fleet = Fleet::new("Hopper test fleet")?;
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| boot_host("mig-a"));

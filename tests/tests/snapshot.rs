@@ -73,6 +73,12 @@ fn snapshot(host: &TestHost, vm: &MicrovmGuest, dir: &str, resume: bool) -> Resu
 
 #[test]
 fn snapshots_restore_in_a_new_process_and_the_guest_goes_on() -> Result<()> {
+    hopper_tests::again_if_a_host_broke(
+        snapshots_restore_in_a_new_process_and_the_guest_goes_on_run,
+    )
+}
+
+fn snapshots_restore_in_a_new_process_and_the_guest_goes_on_run() -> Result<()> {
     let expected = WORKLOAD.expected()?;
     // Two CPUs: with one, the guest's two busy vCPUs left the test host's own agent starved
     // at times (the harness's requests went unanswered for minutes).

@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use hopper_tests::{boot_guest, GuestArtifacts, MicrovmOptions, TestHost, TestHostOptions};
+use hopper_tests::{
+    boot_guest, GuestArtifacts, HarnessError, MicrovmOptions, TestHost, TestHostOptions,
+};
 
 #[test]
 fn test_host_boots_guest_images_with_qemu_microvm() -> Result<()> {
@@ -106,6 +108,8 @@ fn test_hosts_boot_side_by_side_and_die_like_spot_instances() -> Result<()> {
         memory_mib: 1024,
         cpus: 1,
         forwards: vec![8080],
+        // Short, so that a request outliving it shows a breakdown soon (below).
+        exec_timeout: Duration::from_secs(40),
         ..Default::default()
     };
     let (a, b) = std::thread::scope(|s| {
@@ -134,14 +138,28 @@ fn test_hosts_boot_side_by_side_and_die_like_spot_instances() -> Result<()> {
 
     a.kill();
     ensure!(!a.is_running());
-    let err = a
-        .exec(&["true"])
-        .expect_err("a dead host ran a command")
-        .to_string();
+    let err = a.exec(&["true"]).expect_err("a dead host ran a command");
+    ensure!(
+        !matches!(err, HarnessError::HostBroke { .. }),
+        "a killed host is not a breakdown: {err}"
+    );
+    let err = err.to_string();
     ensure!(
         err.contains("not running") && err.contains("alpha"),
         "{err}"
     );
     ensure!(b.sh("echo still here")?.trim() == "still here");
+
+    // A request that outlives the limit is the host breaking down (whatever the cause), with
+    // QEMU's view of the host's CPUs kept for the post-mortem.
+    let err = b
+        .exec(&["sleep", "60"])
+        .expect_err("sleep 60 beat a 40 s limit");
+    ensure!(
+        matches!(err, HarnessError::HostBroke { .. }) && err.to_string().contains("CPU #0"),
+        "{err}"
+    );
+    let registers = std::fs::read_to_string(b.log_dir().join("breakdown.txt"))?;
+    ensure!(registers.contains("RIP="), "{registers}");
     Ok(())
 }

@@ -14,10 +14,11 @@ use crate::protocol::{
 
 /// How soon `wait_ready` pings when it hears nothing: the agent's one ready frame is lost
 /// when it was sent before the host connected to a channel that does not buffer (QEMU's
-/// socket chardev drops guest output while no client is connected). The interval doubles up
-/// to the maximum: while the guest is still booting nothing reads the channel, and every
-/// unread ping takes socket buffer space.
-const READY_PING_FIRST: Duration = Duration::from_millis(500);
+/// socket chardev drops guest output while no client is connected), and a running guest
+/// (one just restored, say) sends none. Soon, since that wait adds to every call on such a
+/// channel. The interval doubles up to the maximum: while the guest is still booting nothing
+/// reads the channel, and every unread ping takes socket buffer space (a dozen over a boot).
+const READY_PING_FIRST: Duration = Duration::from_millis(20);
 const READY_PING_MAX: Duration = Duration::from_secs(4);
 
 /// File data per `write_file` frame; larger files are sent as appended chunks.

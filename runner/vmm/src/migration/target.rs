@@ -171,11 +171,6 @@ pub fn receive(
     link.flush()?;
     // The source's further connections, in the order it opens them: the other streams,
     // then a post-copy's pulls.
-    if hello.streams == 0 || hello.streams > MAX_STREAMS {
-        let e = ReceiveError::Invalid(format!("{} streams", hello.streams));
-        link.abort(&e.to_string());
-        return Err(e);
-    }
     let mut extra = (1..hello.streams)
         .map(|_| Ok(Link::new(listener.accept_more()?)))
         .collect::<Result<Vec<_>, ReceiveError>>()?;
@@ -251,6 +246,9 @@ pub fn receive(
 
 /// Checks the VM fits and makes its empty memory and disk image.
 fn prepare(hello: &Hello, place: &Placement) -> Result<(Vm, Option<NewDisk>), ReceiveError> {
+    if hello.streams == 0 || hello.streams > MAX_STREAMS {
+        return Err(ReceiveError::Invalid(format!("{} streams", hello.streams)));
+    }
     let ranges: Vec<(u64, u64)> = memory::ram_ranges(hello.memory_mib << 20)
         .into_iter()
         .map(|(base, len)| (base.0, len as u64))
@@ -426,4 +424,74 @@ pub(super) fn check_unit(batch: &Batch, unit: usize, what: &str) -> Result<(), R
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::protocol::VERSION;
+    use crate::migration::transport::{connect, tests::identity};
+    use crate::persist::{SavedDevices, SavedDisk};
+
+    fn hello(version: u32, streams: u8) -> Hello {
+        Hello {
+            version,
+            memory_mib: 64,
+            regions: vec![(0, 64 << 20)],
+            disk_len: Some(1 << 20),
+            devices: SavedDevices {
+                disk: Some(SavedDisk { read_only: false }),
+                net: None,
+                agent: false,
+            },
+            vcpus: 1,
+            cpuid: Vec::new(),
+            postcopy: false,
+            streams,
+        }
+    }
+
+    /// The source hears why, the target returns the same error, and nothing was made.
+    #[test]
+    fn a_bad_hello_is_refused_with_its_reason_before_anything_is_made() {
+        let cases = [
+            (hello(VERSION - 1, 1), "protocol version 1"),
+            (hello(VERSION, 0), "0 streams"),
+            (hello(VERSION, MAX_STREAMS + 1), "17 streams"),
+        ];
+        for (hello, reason) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let tls = identity(dir.path(), "fleet");
+            let disk = dir.path().join("disk.img");
+            let cfg = ReceiveConfig {
+                listen: "127.0.0.1:0".into(),
+                tls: tls.clone(),
+                place: Placement {
+                    rootfs: Some(disk.clone()),
+                    ..Default::default()
+                },
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            let target = std::thread::spawn(move || {
+                receive(&cfg, Box::new(std::io::sink()), |addr| {
+                    tx.send(addr).unwrap()
+                })
+                .map(drop)
+                .map_err(|e| e.to_string())
+            });
+            let addr = rx.recv().unwrap().to_string();
+            let mut link = Link::new(connect(&addr, tls.client_config().unwrap()).unwrap());
+            link.send(&Frame::Hello(Box::new(hello))).unwrap();
+            match link.receive() {
+                Err(LinkError::Aborted(why)) => assert!(why.contains(reason), "{why}"),
+                other => panic!(
+                    "expected an abort for {reason}, got {:?}",
+                    other.map(|f| f.name())
+                ),
+            }
+            let err = target.join().unwrap().unwrap_err();
+            assert!(err.contains(reason), "{err}");
+            assert!(!disk.exists(), "{reason}: a disk image was made");
+        }
+    }
 }

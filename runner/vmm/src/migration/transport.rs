@@ -255,12 +255,12 @@ impl Listener {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
     /// A CA and one runner identity it signs, written as PEM files into `dir`.
-    fn identity(dir: &Path, name: &str) -> TlsFiles {
+    pub(crate) fn identity(dir: &Path, name: &str) -> TlsFiles {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
