@@ -130,13 +130,22 @@ fn snapshots_restore_in_a_new_process_and_the_guest_goes_on_run() -> Result<()> 
         ))?;
         println!("snapshot {cycle}: {}", reply.trim());
 
-        vm = restore_guest(
-            &host,
-            &dir,
-            &format!("restored{cycle}"),
-            NET_VMM_ARGS,
-            READY,
-        )?;
+        // Odd cycles move the snapshot's disk into the restored VM rather than copying it
+        // (the last one copies: damaged versions of its snapshot are tried at the end).
+        let take = cycle % 2 == 1;
+        let args = match take {
+            true => format!("{NET_VMM_ARGS} --take-disk"),
+            false => NET_VMM_ARGS.to_string(),
+        };
+        vm = restore_guest(&host, &dir, &format!("restored{cycle}"), &args, READY)?;
+        let left = host.sh(&format!(
+            "test -e {dir}/disk.img && echo kept || echo taken"
+        ))?;
+        ensure!(
+            left.trim() == if take { "taken" } else { "kept" },
+            "restore {cycle} (--take-disk: {take}): the snapshot's disk was {}",
+            left.trim()
+        );
         println!(
             "restore {cycle}: agent answered {:?} after the VMM started",
             vm.ready_after
@@ -238,6 +247,12 @@ fn refuses_damaged_snapshots(host: &TestHost, good: &str) -> Result<()> {
              dd if=/dev/zero of={bad}/memory bs=4096 count=0 seek=1000",
             AGENT,
             "the memory file is 4096000 bytes",
+        ),
+        (
+            "disk taken by an earlier restore",
+            "cp {good}/vm.state {bad}/ && rm {bad}/disk.img",
+            AGENT,
+            "disk.img is missing",
         ),
         // A sound snapshot, restored without what it needs (checked after the state is read).
         (

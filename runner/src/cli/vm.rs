@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use hopper_vmm::control::{self, Request};
 use hopper_vmm::migration::{self, MigrateOptions, ReceiveConfig, TlsFiles};
-use hopper_vmm::{ExitReason, NetConfig, Placement, RestoreConfig, VmConfig, Vmm};
+use hopper_vmm::{ExitReason, NetConfig, Placement, RestoreConfig, RestoredDisk, VmConfig, Vmm};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -120,9 +120,14 @@ pub struct SnapshotArgs {
 
 #[derive(Args)]
 pub struct RestoreArgs {
-    /// The snapshot directory (made by `vm snapshot`). It is left unchanged.
+    /// The snapshot directory (made by `vm snapshot`). It is left unchanged, unless
+    /// --take-disk.
     #[arg(long)]
     from: PathBuf,
+    /// Move the snapshot's disk to --rootfs instead of copying it: no copy to wait for, but
+    /// the snapshot cannot be restored again. Both must be on one file system.
+    #[arg(long)]
+    take_disk: bool,
     #[command(flatten)]
     place: PlaceArgs,
 }
@@ -316,6 +321,10 @@ fn restore_vm(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let cfg = RestoreConfig {
         from: args.from,
         place: args.place.placement(),
+        disk: match args.take_disk {
+            true => RestoredDisk::Taken,
+            false => RestoredDisk::Copied,
+        },
     };
     let vmm = Vmm::restore(&cfg, Box::new(std::io::stdout()))
         .with_context(|| format!("cannot restore the VM from {}", cfg.from.display()))?;
@@ -323,9 +332,10 @@ fn restore_vm(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let firewall = match host_side(tap.as_deref(), &args.place.host_net) {
         Ok(firewall) => firewall,
         Err(e) => {
+            let had_disk = vmm.has_disk();
             drop(vmm);
-            if let Some(copy) = &cfg.place.rootfs {
-                let _ = std::fs::remove_file(copy);
+            if had_disk {
+                cfg.undo_disk();
             }
             return Err(e);
         }

@@ -26,4 +26,4 @@ pub mod vm;
 mod vmm;
 
 pub use config::{ConfigError, NetConfig, VmConfig};
-pub use vmm::{Error, ExitReason, Placement, RestoreConfig, Vmm};
+pub use vmm::{Error, ExitReason, Placement, RestoreConfig, RestoredDisk, Vmm};

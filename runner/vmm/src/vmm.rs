@@ -107,8 +107,34 @@ pub struct Placement {
 pub struct RestoreConfig {
     /// The snapshot directory.
     pub from: PathBuf,
-    /// The restored VM's root disk is a copy of the snapshot's, made at `place.rootfs`.
+    /// The restored VM's root disk goes to `place.rootfs`.
     pub place: Placement,
+    pub disk: RestoredDisk,
+}
+
+impl RestoreConfig {
+    /// Undoes what a restore did with the disk of a VM that has one and will not run: the
+    /// copy is removed, a taken disk goes back into the snapshot.
+    pub fn undo_disk(&self) {
+        let Some(path) = &self.place.rootfs else {
+            return;
+        };
+        let _ = match self.disk {
+            RestoredDisk::Copied => std::fs::remove_file(path),
+            RestoredDisk::Taken => std::fs::rename(path, self.from.join(persist::DISK_FILE)),
+        };
+    }
+}
+
+/// How the snapshot's disk becomes the restored VM's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RestoredDisk {
+    /// A private copy (a reflink where the file system can): the snapshot stays as it was.
+    #[default]
+    Copied,
+    /// Moved (renamed, on one file system): no copy, but the snapshot cannot be restored
+    /// again, as with QEMU resuming a saved VM on its own disk.
+    Taken,
 }
 
 /// The devices a VM gets, with the files and sockets they use.
@@ -214,6 +240,15 @@ impl Vmm {
             &state.devices,
             &cfg.place,
         )?;
+        let frozen = cfg.from.join(persist::DISK_FILE);
+        // The snapshot's disk is used only when it has one.
+        let disk_to = state.devices.disk.as_ref().and(cfg.place.rootfs.as_deref());
+        if disk_to.is_some() && !frozen.exists() {
+            return Err(Error::Restore(format!(
+                "its disk {} is missing (taken by an earlier restore?)",
+                frozen.display()
+            )));
+        }
         phases.mark("checked");
         let memory_path = cfg.from.join(persist::MEMORY_FILE);
         let memory_file = File::open(&memory_path).map_err(io(format!(
@@ -226,27 +261,28 @@ impl Vmm {
         let vm = Vm::new(mem)?;
         phases.mark("VM created");
 
-        // The snapshot's disk is copied only when it has one.
-        let disk_copy = state.devices.disk.as_ref().and(cfg.place.rootfs.as_deref());
-        if let Some(path) = disk_copy {
-            let frozen = cfg.from.join(persist::DISK_FILE);
-            crate::disk_copy::private_copy(&frozen, path).map_err(io(format!(
-                "cannot copy the snapshot's disk {} to {}",
+        if let Some(path) = disk_to {
+            let (made, how) = match cfg.disk {
+                RestoredDisk::Copied => (crate::disk_copy::private_copy(&frozen, path), "copy"),
+                RestoredDisk::Taken => (take_file(&frozen, path), "move"),
+            };
+            made.map_err(io(format!(
+                "cannot {how} the snapshot's disk {} to {}",
                 frozen.display(),
                 path.display()
             )))?;
         }
-        phases.mark("disk copied");
+        phases.mark(match cfg.disk {
+            RestoredDisk::Copied => "disk copied",
+            RestoredDisk::Taken => "disk taken",
+        });
         let restored = Self::rebuild(vm, &state, &cfg.place, console);
         phases.mark("devices and vCPUs restored");
         match &restored {
             Ok(_) => log::info!("restored from {}: {phases}", cfg.from.display()),
-            // The disk copy is this restore's own; nothing else was created on disk.
-            Err(_) => {
-                if let Some(path) = disk_copy {
-                    let _ = std::fs::remove_file(path);
-                }
-            }
+            // Nothing else was created on disk.
+            Err(_) if disk_to.is_some() => cfg.undo_disk(),
+            Err(_) => {}
         }
         restored
     }
@@ -357,6 +393,10 @@ impl Vmm {
         self.ctx.exit.clone()
     }
 
+    pub fn has_disk(&self) -> bool {
+        self.parts.disk.is_some()
+    }
+
     /// The VM's root disk device, if it has one.
     pub(crate) fn disk(&self) -> Option<&Arc<Mutex<Block>>> {
         self.parts.disk.as_ref().map(|(block, _)| block)
@@ -433,6 +473,14 @@ impl Vmm {
 }
 
 /// Where the time of a multi-step operation went, for its log line.
+/// Moves `from` to `to`, which must not exist (a rename would replace it).
+fn take_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    if to.exists() {
+        return Err(std::io::ErrorKind::AlreadyExists.into());
+    }
+    std::fs::rename(from, to)
+}
+
 struct Phases {
     started: std::time::Instant,
     last: std::time::Instant,
