@@ -1,6 +1,7 @@
 //! One more run for a nested test whose test host broke down under it.
 
 use crate::HarnessError;
+use std::io::Write;
 
 /// Runs `test`, and runs it once more if a test host broke down during it
 /// ([`HarnessError::HostBroke`]: QEMU's emulation stalled or died, whatever ran inside). Any
@@ -10,7 +11,13 @@ pub fn again_if_a_host_broke<T>(test: impl Fn() -> anyhow::Result<T>) -> anyhow:
     match test() {
         Err(e) if broke_down(&e) => {
             println!("a test host broke down; running the test once more. The breakdown: {e:#}");
-            eprintln!("warning: a test host broke down; running the test once more");
+            // Straight to stderr, past the test runner's capture: a retried test that then
+            // passes still shows that it was retried, and where the breakdown's logs are.
+            let first_line = e.to_string().lines().next().unwrap_or_default().to_owned();
+            let _ = writeln!(
+                std::io::stderr(),
+                "warning: a test host broke down ({first_line}); running the test once more"
+            );
             test()
         }
         other => other,

@@ -172,7 +172,9 @@ impl TestHost {
             .arg(initramfs)
             .args([
                 "-append",
-                &format!("console=ttyS0 panic=-1 quiet testhost.name={name}"),
+                // nokaslr: the RIPs of a breakdown (breakdown.txt) then match
+                // /proc/kallsyms of any test host.
+                &format!("console=ttyS0 panic=-1 quiet nokaslr testhost.name={name}"),
             ])
             .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
             .stdin(Stdio::null())
