@@ -8,29 +8,31 @@ use std::io::Write;
 /// other failure, and a second breakdown, fails the test: a fault of the code under test
 /// fails it every time, and a flaky one is reported when it strikes on the second run too.
 pub fn again_if_a_host_broke<T>(test: impl Fn() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    match test() {
-        Err(e) if broke_down(&e) => {
-            println!("a test host broke down; running the test once more. The breakdown: {e:#}");
-            // Straight to stderr, past the test runner's capture: a retried test that then
-            // passes still shows that it was retried, and where the breakdown's logs are.
-            let first_line = e.to_string().lines().next().unwrap_or_default().to_owned();
-            let _ = writeln!(
-                std::io::stderr(),
-                "warning: a test host broke down ({first_line}); running the test once more"
-            );
-            test()
-        }
-        other => other,
-    }
+    let e = match test() {
+        Err(e) => e,
+        ok => return ok,
+    };
+    let Some(breakdown) = breakdown(&e) else {
+        return Err(e);
+    };
+    // Straight to stderr, past the test runner's capture: a retried test that then passes
+    // still shows that it was retried, and where the breakdown's logs are.
+    let _ = writeln!(
+        std::io::stderr(),
+        "warning: {}; running the test once more",
+        breakdown.lines().next().unwrap_or_default()
+    );
+    println!("a test host broke down; running the test once more. The breakdown: {e:#}");
+    test()
 }
 
-fn broke_down(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<HarnessError>(),
-            Some(HarnessError::HostBroke { .. })
-        )
-    })
+/// The breakdown behind `e`, if a host broke down.
+fn breakdown(e: &anyhow::Error) -> Option<String> {
+    e.chain()
+        .find_map(|cause| match cause.downcast_ref::<HarnessError>() {
+            Some(b @ HarnessError::HostBroke { .. }) => Some(b.to_string()),
+            _ => None,
+        })
 }
 
 #[cfg(test)]
@@ -41,8 +43,8 @@ mod tests {
 
     fn breakdown() -> HarnessError {
         HarnessError::HostBroke {
-            host: "h".into(),
-            what: "agent did not answer".into(),
+            host: "(none: simulated by retry.rs's unit test)".into(),
+            what: "simulated".into(),
             console: String::new(),
         }
     }
