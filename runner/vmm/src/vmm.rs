@@ -393,8 +393,9 @@ impl Vmm {
         self.ctx.exit.clone()
     }
 
+    /// Whether the VM has a root disk.
     pub fn has_disk(&self) -> bool {
-        self.parts.disk.is_some()
+        self.disk().is_some()
     }
 
     /// The VM's root disk device, if it has one.
@@ -472,7 +473,6 @@ impl Vmm {
     }
 }
 
-/// Where the time of a multi-step operation went, for its log line.
 /// Moves `from` to `to`, which must not exist (a rename would replace it).
 fn take_file(from: &Path, to: &Path) -> std::io::Result<()> {
     if to.exists() {
@@ -481,6 +481,7 @@ fn take_file(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::rename(from, to)
 }
 
+/// Where the time of a multi-step operation went, for its log line.
 struct Phases {
     started: std::time::Instant,
     last: std::time::Instant,

@@ -493,12 +493,8 @@ impl Postcopy {
                 }
                 let wanted = self.memory.missing_near(region, page);
                 pulled += wanted.len() as u64;
-                pull.send(&Frame::PullPages(wanted))?;
+                self.pull_and_place(pull, Frame::PullPages(wanted))?;
                 last_sent = Instant::now();
-                match pull.receive()? {
-                    Frame::Memory(batch) => self.place_batch(&batch, true)?,
-                    other => return Err(unexpected(&other)),
-                }
                 // Placed by the push meanwhile, the page needs its waiters woken.
                 self.memory.settle(addr)?;
             }
@@ -506,12 +502,8 @@ impl Postcopy {
                 let wanted = disk.take_wanted();
                 if !wanted.is_empty() {
                     pulled += wanted.len() as u64;
-                    pull.send(&Frame::PullBlocks(wanted))?;
+                    self.pull_and_place(pull, Frame::PullBlocks(wanted))?;
                     last_sent = Instant::now();
-                    match pull.receive()? {
-                        Frame::Disk(batch) => self.place_batch(&batch, false)?,
-                        other => return Err(unexpected(&other)),
-                    }
                 }
             }
             if last_sent.elapsed() >= KEEPALIVE {
@@ -519,6 +511,19 @@ impl Postcopy {
                 pull.flush()?;
                 last_sent = Instant::now();
             }
+        }
+    }
+
+    /// Sends a pull (`PullPages` or `PullBlocks`) and places the source's answer: a batch
+    /// of the same kind.
+    fn pull_and_place(&self, pull: &mut Link, request: Frame) -> Result<(), ReceiveError> {
+        let memory = matches!(request, Frame::PullPages(_));
+        pull.send(&request)?;
+        match (pull.receive()?, memory) {
+            (Frame::Memory(batch), true) | (Frame::Disk(batch), false) => {
+                self.place_batch(&batch, memory)
+            }
+            (other, _) => Err(unexpected(&other)),
         }
     }
 
