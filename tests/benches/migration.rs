@@ -99,10 +99,10 @@ fn hopper_round(
             .as_f64()
             .with_context(|| format!("no {name} in {reply}"))
     };
-    // Where the pause went, as both sides log it.
+    // The rounds, and where the pause went, as both sides log them.
     for (host, dir, what) in [
-        (a, &vm.dir, "migration handover"),
-        (b, &target.dir, "built the VM"),
+        (a, &vm.dir, "migration round\\|migration handover"),
+        (b, &target.dir, "restored the VM"),
     ] {
         let line = host.sh(&format!("grep '{what}' {dir}/vmm.log || true"))?;
         eprintln!("{}", line.trim());

@@ -349,14 +349,15 @@ fn receive_vm(args: ReceiveArgs) -> anyhow::Result<ExitCode> {
         tls: args.tls.files()?,
         place: args.place.placement(),
     };
-    let incoming = migration::target::receive(&cfg, Box::new(std::io::stdout()), |addr| {
-        eprintln!("hopper-runner: waiting for a migrating VM on {addr}")
-    })
+    // The VM's network is made ready before anything moves; a failure refuses the VM, and
+    // the source runs on.
+    let (incoming, firewall) = migration::target::receive(
+        &cfg,
+        Box::new(std::io::stdout()),
+        |addr| eprintln!("hopper-runner: waiting for a migrating VM on {addr}"),
+        |tap| host_side(tap, &args.place.host_net),
+    )
     .context("cannot receive the VM")?;
-    // The VM's network is ready before it runs; a failure here drops what was received, and
-    // the source, without its commit, runs on.
-    let tap = incoming.vmm().tap().map(str::to_owned);
-    let firewall = host_side(tap.as_deref(), &args.place.host_net)?;
     let vmm = incoming
         .commit()
         .context("the migration did not complete")?;

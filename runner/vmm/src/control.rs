@@ -2,7 +2,8 @@
 //! response line. Requests: `{"action":"pause"}`, `{"action":"resume"}`, `{"action":"stop"}`,
 //! `{"action":"status"}`, `{"action":"snapshot","dir":"/path","resume":false}` (pause, save
 //! into `dir`, then resume, or stop the VM), `{"action":"migrate","to":"host:port","tls":{…},
-//! "max_downtime_ms":100,"max_rounds":30,"postcopy":false}` (answered once the migration ended).
+//! "max_downtime_ms":100,"max_rounds":30,"postcopy":false}` (answered once the migration ended;
+//! meanwhile `status` answers `"migrating"` and the rest is refused).
 //! Responses: `{"ok":true,"state":"paused"}` (a
 //! snapshot adds `"snapshot":{…}` with its sizes and duration) or `{"ok":false,"error":"…"}`.
 
@@ -41,6 +42,8 @@ pub enum Request {
 pub enum RunState {
     Running,
     Paused,
+    /// Being sent to another host: it runs, and stops here once the target runs it.
+    Migrating,
     Stopping,
 }
 
@@ -90,9 +93,16 @@ impl Response {
     }
 }
 
+/// What a request gets: a response at once, or work whose response comes when it ends
+/// (a migration), done on a thread of its own so that other requests are answered meanwhile.
+pub enum Answer {
+    Now(Response),
+    Later(Box<dyn FnOnce() -> Response + Send>),
+}
+
 /// What the control API acts on.
 pub trait Controllable: Send {
-    fn handle(&mut self, request: Request) -> Response;
+    fn handle(&mut self, request: Request) -> Answer;
 }
 
 /// Serves the control socket from the VMM's main event loop.
@@ -100,9 +110,22 @@ pub struct ControlServer<C: Controllable> {
     listener: UnixListener,
     clients: HashMap<RawFd, (UnixStream, Vec<u8>)>,
     target: C,
+    /// Threads doing work answered later; the server waits for them when dropped, so that
+    /// their answers go out before the VMM exits.
+    work: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl<C: Controllable> Drop for ControlServer<C> {
+    fn drop(&mut self) {
+        for work in self.work.drain(..) {
+            let _ = work.join();
+        }
+    }
 }
 
 const TOKEN_LISTENER: u32 = u32::MAX;
+/// How long a response waits for a client that does not read.
+const WRITE_PATIENCE_MS: u32 = 1000;
 
 impl<C: Controllable> ControlServer<C> {
     pub fn new(listener: UnixListener, target: C) -> std::io::Result<Self> {
@@ -111,13 +134,14 @@ impl<C: Controllable> ControlServer<C> {
             listener,
             clients: HashMap::new(),
             target,
+            work: Vec::new(),
         })
     }
 
-    fn answer(&mut self, line: &[u8]) -> Response {
+    fn answer(&mut self, line: &[u8]) -> Answer {
         match serde_json::from_slice::<Request>(line) {
             Ok(req) => self.target.handle(req),
-            Err(e) => Response::error(format!("bad request: {e}")),
+            Err(e) => Answer::Now(Response::error(format!("bad request: {e}"))),
         }
     }
 
@@ -143,7 +167,14 @@ impl<C: Controllable> ControlServer<C> {
         let overlong = buf.len() > MAX_REQUEST;
         let mut replies = Vec::new();
         for line in lines {
-            replies.push(self.answer(&line));
+            match self.answer(&line) {
+                Answer::Now(r) => replies.push(r),
+                Answer::Later(work) => {
+                    if let Err(e) = self.later(fd, work) {
+                        replies.push(Response::error(format!("cannot start the work: {e}")));
+                    }
+                }
+            }
         }
         if overlong {
             replies.push(Response::error("request line too long"));
@@ -151,18 +182,57 @@ impl<C: Controllable> ControlServer<C> {
         let Some((stream, _)) = self.clients.get_mut(&fd) else {
             return false;
         };
-        // Replies are small; a blocking write keeps them whole.
-        let _ = stream.set_nonblocking(false);
         for r in replies {
-            let mut out = serde_json::to_vec(&r).expect("responses always serialize");
-            out.push(b'\n');
-            if stream.write_all(&out).is_err() {
+            if write_response(stream, &r).is_err() {
                 return false;
             }
         }
-        let _ = stream.set_nonblocking(true);
         !overlong
     }
+
+    /// Runs `work` on its own thread, which answers the client at `fd` when it ends.
+    fn later(
+        &mut self,
+        fd: RawFd,
+        work: Box<dyn FnOnce() -> Response + Send>,
+    ) -> std::io::Result<()> {
+        let Some((stream, _)) = self.clients.get(&fd) else {
+            return Ok(());
+        };
+        let stream = stream.try_clone()?;
+        self.work.retain(|w| !w.is_finished());
+        let thread = std::thread::Builder::new()
+            .name("control-work".into())
+            .spawn(move || {
+                let response = work();
+                // The client may be gone; the work is done either way.
+                let _ = write_response(&stream, &response);
+            })?;
+        self.work.push(thread);
+        Ok(())
+    }
+}
+
+/// Writes one response line on a client's (non-blocking) stream. Responses are small and
+/// the socket's buffer large, so a full buffer is rare: it means a client that does not read,
+/// which gets a moment and is then given up.
+fn write_response(mut stream: &UnixStream, response: &Response) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(response).expect("responses always serialize");
+    out.push(b'\n');
+    let mut left = &out[..];
+    let mut waited = 0;
+    while !left.is_empty() {
+        match stream.write(left) {
+            Ok(n) => left = &left[n..],
+            Err(e) if e.kind() == ErrorKind::WouldBlock && waited < WRITE_PATIENCE_MS => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                waited += 1;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl<C: Controllable> MutEventSubscriber for ControlServer<C> {
@@ -217,6 +287,98 @@ pub fn call(socket: &std::path::Path, request: &Request) -> std::io::Result<Resp
 #[cfg(test)]
 mod tests {
     use super::*;
+    use event_manager::{EventManager, SubscriberOps};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+
+    /// Pauses later (when the test says so); answers the rest at once.
+    struct SlowPause(Arc<Mutex<mpsc::Receiver<()>>>);
+
+    impl Controllable for SlowPause {
+        fn handle(&mut self, request: Request) -> Answer {
+            match request {
+                Request::Pause => {
+                    let go = self.0.clone();
+                    Answer::Later(Box::new(move || {
+                        go.lock().unwrap().recv().unwrap();
+                        Response::state(RunState::Paused)
+                    }))
+                }
+                _ => Answer::Now(Response::state(RunState::Running)),
+            }
+        }
+    }
+
+    #[test]
+    fn work_answered_later_does_not_hold_up_other_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let (go, wait) = mpsc::channel();
+        let server = ControlServer::new(
+            UnixListener::bind(&path).unwrap(),
+            SlowPause(Arc::new(Mutex::new(wait))),
+        )
+        .unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let serving = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut em =
+                    EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+                em.add_subscriber(Arc::new(Mutex::new(server)));
+                while !done.load(Ordering::Relaxed) {
+                    em.run_with_timeout(10).unwrap();
+                }
+            })
+        };
+        let slow = {
+            let path = path.clone();
+            std::thread::spawn(move || call(&path, &Request::Pause).unwrap())
+        };
+        // Answered while the pause waits.
+        for _ in 0..3 {
+            assert_eq!(
+                call(&path, &Request::Status).unwrap().state,
+                Some(RunState::Running)
+            );
+        }
+        assert!(!slow.is_finished());
+        go.send(()).unwrap();
+        assert_eq!(slow.join().unwrap().state, Some(RunState::Paused));
+        done.store(true, Ordering::Relaxed);
+        serving.join().unwrap();
+    }
+
+    /// A server dropped while work runs waits for it, so that its answer goes out.
+    #[test]
+    fn a_dropped_server_still_answers_its_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let (go, wait) = mpsc::channel();
+        let server = ControlServer::new(
+            UnixListener::bind(&path).unwrap(),
+            SlowPause(Arc::new(Mutex::new(wait))),
+        )
+        .unwrap();
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(server)));
+        let slow = {
+            let path = path.clone();
+            std::thread::spawn(move || call(&path, &Request::Pause).unwrap())
+        };
+        // Accept the client, then read its request.
+        let mut events = 0;
+        while events < 2 {
+            events += em.run_with_timeout(50).unwrap();
+        }
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            go.send(()).unwrap();
+        });
+        drop(em);
+        release.join().unwrap();
+        assert_eq!(slow.join().unwrap().state, Some(RunState::Paused));
+    }
 
     #[test]
     fn request_wire_format() {

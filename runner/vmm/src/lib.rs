@@ -19,6 +19,7 @@ pub mod layout;
 pub mod memory;
 pub mod migration;
 pub mod persist;
+mod restore;
 pub mod snapshot;
 pub mod tap;
 pub mod vcpu;
@@ -26,4 +27,5 @@ pub mod vm;
 mod vmm;
 
 pub use config::{ConfigError, NetConfig, VmConfig};
-pub use vmm::{Error, ExitReason, Placement, RestoreConfig, RestoredDisk, Vmm};
+pub use restore::{Placement, RestoreConfig, RestoredDisk};
+pub use vmm::{Error, ExitReason, Vmm};

@@ -30,7 +30,7 @@ pub const MEMORY_FILE: &str = "memory";
 pub const DISK_FILE: &str = "disk.img";
 
 /// Which devices the VM has, in the order they were attached (a restore attaches the same).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedDevices {
     /// The root disk, if any; its content is `disk.img`.
     pub disk: Option<SavedDisk>,
@@ -39,12 +39,12 @@ pub struct SavedDevices {
     pub agent: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedDisk {
     pub read_only: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedNet {
     pub mac: [u8; 6],
     /// The TAP it was attached to; a restore may name another.

@@ -3,7 +3,7 @@
 use crate::acpi;
 use crate::boot::{self, long_mode};
 use crate::config::{ConfigError, VmConfig};
-use crate::control::{ControlServer, Controllable, Request, Response, RunState};
+use crate::control::{Answer, ControlServer, Controllable, Request, Response, RunState};
 use crate::devices::bus::SharedBusDevice;
 use crate::devices::i8042::I8042Device;
 use crate::devices::power::AcpiPowerDevice;
@@ -17,9 +17,8 @@ use crate::devices::Bus;
 use crate::event_loop::{self, DeviceGate, Subscriber};
 use crate::layout::*;
 use crate::memory;
-use crate::migration::{self, source::Pausable, MigrateOptions, MigrationError, MigrationSummary};
-use crate::persist::{self, MachineState, PersistError, SavedDevices, SavedDisk, SavedNet};
-use crate::snapshot::format;
+use crate::migration::{self, source::Pausable, MigrateOptions, MigrationError};
+use crate::persist::{self, PersistError, SavedDevices, SavedDisk, SavedNet};
 use crate::tap::Tap;
 use crate::vcpu::control::{install_kick_handler, Target, VcpuControl};
 use crate::vcpu::run::{self, VcpuContext};
@@ -33,10 +32,9 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use vm_superio::serial::SerialState;
 
 pub use crate::exit::ExitReason;
-use crate::exit::ExitSignal;
+pub(crate) use crate::exit::ExitSignal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -65,11 +63,11 @@ pub enum Error {
     Attach(#[from] crate::devices::virtio::attach::AttachError),
     #[error(transparent)]
     Snapshot(#[from] PersistError),
-    #[error("the snapshot does not fit this VM: {0}")]
+    #[error("the saved VM does not fit: {0}")]
     Restore(String),
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
     move |source| Error::Io { what, source }
 }
@@ -91,74 +89,34 @@ impl Drop for OwnedSocket {
     }
 }
 
-/// Where a restored or migrated-in VM's files and sockets go on this host; what the VM is
-/// made of comes from its saved state.
-#[derive(Debug, Clone, Default)]
-pub struct Placement {
-    /// Where the VM's root disk is made; it must not exist. Required when the VM has a disk.
-    pub rootfs: Option<PathBuf>,
-    /// TAP device for the network interface (default: the one it had).
-    pub tap: Option<String>,
-    pub agent_socket: Option<PathBuf>,
-    pub api_socket: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct RestoreConfig {
-    /// The snapshot directory.
-    pub from: PathBuf,
-    /// The restored VM's root disk goes to `place.rootfs`.
-    pub place: Placement,
-    pub disk: RestoredDisk,
-}
-
-impl RestoreConfig {
-    /// Undoes what a restore did with the disk of a VM that has one and will not run: the
-    /// copy is removed, a taken disk goes back into the snapshot.
-    pub fn undo_disk(&self) {
-        let Some(path) = &self.place.rootfs else {
-            return;
-        };
-        let _ = match self.disk {
-            RestoredDisk::Copied => std::fs::remove_file(path),
-            RestoredDisk::Taken => std::fs::rename(path, self.from.join(persist::DISK_FILE)),
-        };
-    }
-}
-
-/// How the snapshot's disk becomes the restored VM's.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum RestoredDisk {
-    /// A private copy (a reflink where the file system can): the snapshot stays as it was.
-    #[default]
-    Copied,
-    /// Moved (renamed, on one file system): no copy, but the snapshot cannot be restored
-    /// again, as with QEMU resuming a saved VM on its own disk.
-    Taken,
-}
-
 /// The devices a VM gets, with the files and sockets they use.
-struct DeviceSpec<'a> {
-    rootfs: Option<(&'a Path, bool)>,
-    net: Option<NetConfig>,
-    agent_socket: Option<&'a Path>,
+pub(crate) struct DeviceSpec<'a> {
+    pub rootfs: Option<(&'a Path, bool)>,
+    pub net: Option<NetConfig>,
+    pub agent_socket: Option<&'a Path>,
 }
 
 /// Devices as created, with the handles a snapshot needs.
-struct Devices {
+pub(crate) struct Devices {
     pio: Bus,
     mmio: Bus,
     subscribers: Vec<Subscriber>,
-    parts: SavedParts,
+    pub parts: SavedParts,
     sockets: Vec<OwnedSocket>,
 }
 
 /// The devices whose state a snapshot saves, and which devices there are.
-struct SavedParts {
-    serial: Arc<Mutex<SerialDevice>>,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
+pub(crate) struct SavedParts {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     disk: Option<(Arc<Mutex<Block>>, PathBuf)>,
     devices: SavedDevices,
+}
+
+impl SavedParts {
+    pub fn tap(&self) -> Option<&str> {
+        self.devices.net.as_ref().map(|n| n.tap.as_str())
+    }
 }
 
 /// A VM ready to run.
@@ -199,7 +157,7 @@ impl Vmm {
             net: cfg.net.clone(),
             agent_socket: cfg.agent_socket.as_deref(),
         };
-        let (devices, infos) = create_devices(&vm, &spec, &exit, console, None)?;
+        let (devices, infos) = create_devices(&vm, &spec, &exit, console)?;
         acpi::write_tables(&mem, cfg.cpus, &infos)?;
 
         let supported = vm.supported_cpuid()?;
@@ -221,137 +179,7 @@ impl Vmm {
         )
     }
 
-    /// Rebuilds the VM a snapshot holds, ready to resume where it was paused. The snapshot is
-    /// checked (format, checksum, version, CPU features, memory file) before anything is
-    /// created, and it is left as it was: the restored VM writes to a copy of its disk and
-    /// keeps its memory changes private.
-    pub fn restore(cfg: &RestoreConfig, console: SerialOutput) -> Result<Vmm, Error> {
-        let mut phases = Phases::start();
-        let state: MachineState =
-            format::read(&cfg.from.join(persist::STATE_FILE)).map_err(PersistError::from)?;
-        phases.mark("state read");
-        let first = state
-            .vcpus
-            .first()
-            .ok_or_else(|| Error::Restore("it has no vCPUs".into()))?;
-        check_fits(
-            state.vcpus.len() as u8,
-            &first.cpuid,
-            &state.devices,
-            &cfg.place,
-        )?;
-        let frozen = cfg.from.join(persist::DISK_FILE);
-        // The snapshot's disk is used only when it has one.
-        let disk_to = state.devices.disk.as_ref().and(cfg.place.rootfs.as_deref());
-        if disk_to.is_some() && !frozen.exists() {
-            return Err(Error::Restore(format!(
-                "its disk {} is missing (taken by an earlier restore?)",
-                frozen.display()
-            )));
-        }
-        phases.mark("checked");
-        let memory_path = cfg.from.join(persist::MEMORY_FILE);
-        let memory_file = File::open(&memory_path).map_err(io(format!(
-            "cannot open the snapshot's memory {}",
-            memory_path.display()
-        )))?;
-        let mem = crate::snapshot::memory::restore(&memory_file, &state.memory)
-            .map_err(PersistError::from)?;
-        phases.mark("memory mapped");
-        let vm = Vm::new(mem)?;
-        phases.mark("VM created");
-
-        if let Some(path) = disk_to {
-            let (made, how) = match cfg.disk {
-                RestoredDisk::Copied => (crate::disk_copy::private_copy(&frozen, path), "copy"),
-                RestoredDisk::Taken => (take_file(&frozen, path), "move"),
-            };
-            made.map_err(io(format!(
-                "cannot {how} the snapshot's disk {} to {}",
-                frozen.display(),
-                path.display()
-            )))?;
-        }
-        phases.mark(match cfg.disk {
-            RestoredDisk::Copied => "disk copied",
-            RestoredDisk::Taken => "disk taken",
-        });
-        let restored = Self::rebuild(vm, &state, &cfg.place, console);
-        phases.mark("devices and vCPUs restored");
-        match &restored {
-            Ok(_) => log::info!("restored from {}: {phases}", cfg.from.display()),
-            // Nothing else was created on disk.
-            Err(_) if disk_to.is_some() => cfg.undo_disk(),
-            Err(_) => {}
-        }
-        restored
-    }
-
-    /// Builds the VM `state` describes around `vm` (its memory already filled), with its
-    /// disk at `place.rootfs`, ready to resume.
-    pub(crate) fn rebuild(
-        vm: Vm,
-        state: &MachineState,
-        place: &Placement,
-        console: SerialOutput,
-    ) -> Result<Vmm, Error> {
-        if state.vcpus.is_empty()
-            || state
-                .vcpus
-                .iter()
-                .enumerate()
-                .any(|(i, v)| v.id as usize != i)
-        {
-            return Err(Error::Restore("the vCPUs are not numbered 0..n".into()));
-        }
-        let saved = &state.devices;
-        let spec = DeviceSpec {
-            rootfs: place
-                .rootfs
-                .as_deref()
-                .zip(saved.disk.as_ref().map(|d| d.read_only)),
-            net: saved.net.as_ref().map(|n| NetConfig {
-                tap: place.tap.clone().unwrap_or_else(|| n.tap.clone()),
-                mac: n.mac,
-            }),
-            agent_socket: place.agent_socket.as_deref().filter(|_| saved.agent),
-        };
-        vm.restore_state(&state.vm)?;
-        let exit = Arc::new(ExitSignal::new().map_err(io("cannot create the exit event"))?);
-        let (devices, _) = create_devices(&vm, &spec, &exit, console, Some(&state.serial.0))?;
-        let transports = &devices.parts.transports;
-        if transports.len() != state.virtio.len() {
-            return Err(Error::Restore(format!(
-                "{} virtio devices saved, {} created",
-                state.virtio.len(),
-                transports.len()
-            )));
-        }
-        for (i, (t, s)) in transports.iter().zip(&state.virtio).enumerate() {
-            t.lock()
-                .unwrap()
-                .restore(s)
-                .map_err(|e| Error::Restore(format!("virtio device {i}: {e}")))?;
-        }
-        let mut vcpus = Vec::new();
-        for saved in &state.vcpus {
-            let vcpu = Vcpu::new(&vm.fd, saved.id)?;
-            vcpu.restore_state(&vm.kvm, saved)
-                .map_err(|e| Error::Restore(e.to_string()))?;
-            vcpus.push(vcpu);
-        }
-        Self::assemble(
-            vm,
-            state.memory_mib,
-            vcpus,
-            state.vcpus[0].cpuid.clone(),
-            devices,
-            exit,
-            place.api_socket.as_deref(),
-        )
-    }
-
-    fn assemble(
+    pub(crate) fn assemble(
         vm: Vm,
         memory_mib: u64,
         vcpus: Vec<Vcpu>,
@@ -405,7 +233,7 @@ impl Vmm {
 
     /// The TAP device the VM's network interface uses, if it has one.
     pub fn tap(&self) -> Option<&str> {
-        self.parts.devices.net.as_ref().map(|n| n.tap.as_str())
+        self.parts.tap()
     }
 
     /// Runs the guest until it powers off, resets, is stopped, or fails.
@@ -457,6 +285,9 @@ impl Vmm {
             }
         };
 
+        // Work the control API still does (a migration) ends and answers while the vCPUs
+        // still run.
+        drop(em);
         let threads = std::mem::take(&mut *machine.threads.lock().unwrap());
         machine.control.request(Target::Exit, &threads);
         for t in threads {
@@ -473,95 +304,17 @@ impl Vmm {
     }
 }
 
-/// Moves `from` to `to`, which must not exist (a rename would replace it).
-fn take_file(from: &Path, to: &Path) -> std::io::Result<()> {
-    if to.exists() {
-        return Err(std::io::ErrorKind::AlreadyExists.into());
-    }
-    std::fs::rename(from, to)
-}
-
-/// Where the time of a multi-step operation went, for its log line.
-struct Phases {
-    started: std::time::Instant,
-    last: std::time::Instant,
-    done: Vec<(&'static str, std::time::Duration)>,
-}
-
-impl Phases {
-    fn start() -> Phases {
-        let now = std::time::Instant::now();
-        Phases {
-            started: now,
-            last: now,
-            done: Vec::new(),
-        }
-    }
-
-    /// Ends the phase called `what`.
-    fn mark(&mut self, what: &'static str) {
-        let now = std::time::Instant::now();
-        self.done.push((what, now - self.last));
-        self.last = now;
-    }
-}
-
-impl std::fmt::Display for Phases {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.1} ms (", self.started.elapsed().as_secs_f64() * 1e3)?;
-        for (i, (what, took)) in self.done.iter().enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            write!(f, "{sep}{what} {:.1}", took.as_secs_f64() * 1e3)?;
-        }
-        write!(f, ")")
-    }
-}
-
-/// Checks, before any VM exists or anything is copied, that a saved VM with `vcpus` vCPUs,
-/// this CPUID and these devices can run here with what `place` provides.
-pub(crate) fn check_fits(
-    vcpus: u8,
-    cpuid: &[kvm_cpuid_entry2],
-    devices: &SavedDevices,
-    place: &Placement,
-) -> Result<(), Error> {
-    let kvm = kvm_ioctls::Kvm::new().map_err(VmError::OpenKvm)?;
-    let mut offered = crate::vm::supported_cpuid(&kvm)?;
-    crate::cpuid::normalize(&mut offered, 0, vcpus);
-    persist::check_cpu(&offered, cpuid)?;
-    check_placement(devices, place)
-}
-
-/// Checks that `place` provides what a saved VM with these devices needs.
-fn check_placement(devices: &SavedDevices, place: &Placement) -> Result<(), Error> {
-    if devices.agent && place.agent_socket.is_none() {
-        return Err(Error::Restore(
-            "it has an agent channel: name its socket (--agent-socket)".into(),
-        ));
-    }
-    if devices.disk.is_some() && place.rootfs.is_none() {
-        return Err(Error::Restore(
-            "it has a root disk: say where it goes (--rootfs)".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Creates the VM's devices: the serial console (from a saved state, on restore), the
+/// Creates the VM's devices in their initial state: the serial console, the
 /// power/reset registers, and the virtio devices in a fixed order (disk, network, agent
 /// channel), which a restore repeats. Returns them with the MMIO windows the DSDT describes.
-fn create_devices(
+pub(crate) fn create_devices(
     vm: &Vm,
     spec: &DeviceSpec,
     exit: &Arc<ExitSignal>,
     console: SerialOutput,
-    serial_state: Option<&SerialState>,
 ) -> Result<(Devices, Vec<crate::acpi::MmioDeviceInfo>), Error> {
     let irq = vm.irq_line(SERIAL_GSI)?;
-    let serial = Arc::new(Mutex::new(match serial_state {
-        Some(state) => SerialDevice::from_state(state, irq, console),
-        None => SerialDevice::new(irq, console),
-    }));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(irq, console)));
     let legacy: [(u16, u16, SharedBusDevice); 3] = [
         (SERIAL_PORT, SERIAL_PORT_LEN, serial.clone()),
         (
@@ -685,16 +438,43 @@ impl Machine {
         }
     }
 
-    /// Sends the running VM to another host (see [`migration::source`]).
-    fn migrate(&self, opts: &MigrateOptions) -> Result<MigrationSummary, MigrationError> {
-        migration::source::migrate(
+    /// Sends the running VM to another host (see [`migration::source`]); then it stops here
+    /// (sent), runs on (not sent), or stays paused (the handover is unconfirmed).
+    fn migrate_and_settle(&self, opts: &MigrateOptions) -> Response {
+        let result = migration::source::migrate(
             &migration::source::Source {
                 parts: self.parts(),
                 cpuid: &self.cpuid,
                 control: self,
             },
             opts,
-        )
+        );
+        let mut state = self.state.lock().unwrap();
+        match result {
+            Ok(summary) => {
+                log::info!("migrated to {}: {summary:?}", opts.to);
+                *state = RunState::Stopping;
+                self.exit.request(ExitReason::Migrated);
+                Response::migrated(*state, summary)
+            }
+            Err(e @ MigrationError::Unconfirmed(_)) => {
+                *state = RunState::Paused;
+                Response::error(format!("migration to {}: {e}", opts.to))
+            }
+            // The target ran ahead: this copy is stale and must not run again.
+            Err(e @ MigrationError::PostcopyBroken(_)) => {
+                *state = RunState::Stopping;
+                self.exit.request(ExitReason::Error(e.to_string()));
+                Response::error(format!("migration to {}: {e}", opts.to))
+            }
+            Err(e) => {
+                *state = RunState::Running;
+                Response::error(format!(
+                    "migration to {} failed, the VM runs on here: {e}",
+                    opts.to
+                ))
+            }
+        }
     }
 }
 
@@ -713,12 +493,15 @@ impl Pausable for Machine {
 struct MachineControl(Arc<Machine>);
 
 impl Controllable for MachineControl {
-    fn handle(&mut self, request: Request) -> Response {
+    fn handle(&mut self, request: Request) -> Answer {
         let m = &self.0;
         let mut state = m.state.lock().unwrap();
-        match (request, *state) {
+        let response = match (request, *state) {
             (Request::Status, s) => Response::state(s),
             (_, RunState::Stopping) => Response::error("the VM is stopping"),
+            (_, RunState::Migrating) => {
+                Response::error("a migration is under way; it ends on its own")
+            }
             (Request::Pause, RunState::Paused) | (Request::Resume, RunState::Running) => {
                 Response::state(*state)
             }
@@ -753,34 +536,18 @@ impl Controllable for MachineControl {
             (Request::Migrate(_), RunState::Paused) => {
                 Response::error("the VM is paused; resume it to migrate it")
             }
-            (Request::Migrate(opts), RunState::Running) => match m.migrate(&opts) {
-                Ok(summary) => {
-                    log::info!("migrated to {}: {summary:?}", opts.to);
-                    *state = RunState::Stopping;
-                    m.exit.request(ExitReason::Migrated);
-                    Response::migrated(*state, summary)
-                }
-                Err(e @ MigrationError::Unconfirmed(_)) => {
-                    *state = RunState::Paused;
-                    Response::error(format!("migration to {}: {e}", opts.to))
-                }
-                // The target ran ahead: this copy is stale and must not run again.
-                Err(e @ MigrationError::PostcopyBroken(_)) => {
-                    *state = RunState::Stopping;
-                    m.exit.request(ExitReason::Error(e.to_string()));
-                    Response::error(format!("migration to {}: {e}", opts.to))
-                }
-                Err(e) => Response::error(format!(
-                    "migration to {} failed, the VM runs on here: {e}",
-                    opts.to
-                )),
-            },
+            (Request::Migrate(opts), RunState::Running) => {
+                *state = RunState::Migrating;
+                let m = m.clone();
+                return Answer::Later(Box::new(move || m.migrate_and_settle(&opts)));
+            }
             (Request::Stop, _) => {
                 *state = RunState::Stopping;
                 m.exit.request(ExitReason::Stopped);
                 Response::state(*state)
             }
-        }
+        };
+        Answer::Now(response)
     }
 }
 

@@ -51,10 +51,18 @@ impl SerialDevice {
         }
     }
 
-    pub fn from_state(state: &SerialState, irq: EventFd, out: SerialOutput) -> Self {
+    fn from_state(state: &SerialState, irq: EventFd, out: SerialOutput) -> Self {
         let uart = Serial::from_state(state, IrqTrigger(irq), NoEvents, out)
             .expect("a saved serial state is always within the FIFO's capacity");
         SerialDevice { uart }
+    }
+
+    /// Puts in a saved state, keeping this device's interrupt line and output.
+    pub fn restore(&mut self, state: &SerialState) -> std::io::Result<()> {
+        let irq = self.uart.interrupt_evt().0.try_clone()?;
+        let out = std::mem::replace(self.uart.writer_mut(), Box::new(std::io::sink()));
+        *self = Self::from_state(state, irq, out);
+        Ok(())
     }
 
     pub fn state(&self) -> SerialState {

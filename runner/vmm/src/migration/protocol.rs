@@ -6,6 +6,9 @@
 //! before anything else is sent), any number
 //! of `Memory` and `Disk` batches (pre-copy rounds, then the final delta while the VM is
 //! paused), `State` (vCPUs, VM, devices), then `Commit` after the target said `Ready`.
+//! Each pre-copy round ends with `Sync` on every stream, which the target answers with
+//! `Synced` once it has stored all before it: the source then knows the round's real rate,
+//! and its pause does not begin with data still in flight.
 //! Target → source: `Ready` once the VM is built from what arrived (not running), `Committed`
 //! once it runs. Either side may send `Abort` with a reason instead.
 //!
@@ -26,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// Bumped whenever a frame's meaning changes; a peer with another version is refused.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Larger frames mean a broken or hostile peer.
 const MAX_FRAME: usize = 64 << 20;
 
@@ -102,6 +105,8 @@ pub enum Frame {
     PullBlocks(Vec<u64>),
     Done,
     Complete,
+    Sync,
+    Synced,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +140,8 @@ impl Frame {
             Frame::PullBlocks(_) => 12,
             Frame::Done => 13,
             Frame::Complete => 14,
+            Frame::Sync => 15,
+            Frame::Synced => 16,
         }
     }
 
@@ -154,6 +161,8 @@ impl Frame {
             Frame::PullBlocks(_) => "pull-blocks",
             Frame::Done => "done",
             Frame::Complete => "complete",
+            Frame::Sync => "sync",
+            Frame::Synced => "synced",
         }
     }
 }
@@ -214,7 +223,9 @@ pub fn write_frame(
         | Frame::Commit
         | Frame::Committed
         | Frame::Done
-        | Frame::Complete => Vec::new(),
+        | Frame::Complete
+        | Frame::Sync
+        | Frame::Synced => Vec::new(),
     };
     if payload.len() > MAX_FRAME {
         return Err(io::Error::other(format!(
@@ -273,6 +284,8 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
         12 => Frame::PullBlocks(offsets(&payload)?),
         13 => Frame::Done,
         14 => Frame::Complete,
+        15 => Frame::Sync,
+        16 => Frame::Synced,
         tag => return Err(ProtocolError::Malformed(format!("unknown frame tag {tag}"))),
     })
 }
@@ -418,6 +431,8 @@ mod tests {
             matches!(roundtrip(&Frame::Plan(Box::new(plan.clone()))), Frame::Plan(p) if *p == plan)
         );
         assert!(matches!(roundtrip(&Frame::Complete), Frame::Complete));
+        assert!(matches!(roundtrip(&Frame::Sync), Frame::Sync));
+        assert!(matches!(roundtrip(&Frame::Synced), Frame::Synced));
     }
 
     /// After a run of incompressible units LZ4 is tried rarely, and fully again once a

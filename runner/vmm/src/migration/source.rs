@@ -4,9 +4,10 @@
 //! Round 0 sends every page the guest has touched and every disk block that is not zero;
 //! each later round sends what was written meanwhile (KVM's dirty log for the vCPUs' writes,
 //! the VMM's bitmaps for the devices' writes, the disk's block log). Rounds stop when the
-//! rest would go out within the pause target at the measured rate, or after the round
-//! limit. A guest that writes faster than the link carries is throttled: its vCPUs are held
-//! for a growing share of each 100 ms.
+//! rest would go out within the pause target at the measured rate (though while each round
+//! still halves what is left, one more goes), or after the round limit. A guest that writes
+//! faster than the link carries is throttled: its vCPUs are held for a growing share of each
+//! 100 ms.
 //!
 //! Post-copy hands over after `max_rounds` rounds (none by default) and sends the rest from
 //! the paused VM afterwards ([`super::serve`]): the shortest evacuation, but from the commit
@@ -35,6 +36,8 @@ pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 100;
 pub const DEFAULT_MAX_ROUNDS: u32 = 30;
 /// Units per batch frame: 1 MiB of memory pages, 4 MiB of disk blocks.
 const BATCH_UNITS: usize = 256;
+/// A pause estimated shorter than this is not worth another round to shorten.
+const WORTH_ANOTHER_ROUND_MS: u64 = 5;
 const THROTTLE_PERIOD_MS: u64 = 100;
 /// Like QEMU's auto-converge: hold the vCPUs 20% of the time, 10% more each round that does
 /// not converge, up to 95%.
@@ -297,8 +300,7 @@ fn precopy(
         let round = Instant::now();
         let first = summary.rounds == 0;
         let sent = send_spread(link, extra, vm, tracking.disk, &pending, first)?;
-        // The peer's acknowledgement would cost a round trip; full socket buffers already
-        // pace this side to the link's rate.
+        sync(link, extra)?;
         let elapsed = round.elapsed().max(Duration::from_millis(1));
         summary.rounds += 1;
         summary.memory_bytes += sent.memory;
@@ -318,7 +320,10 @@ fn precopy(
             dirty >> 10,
             estimate_ms
         );
-        if estimate_ms <= opts.max_downtime_ms {
+        // Under the target, another round still pays while each halves what is left: it
+        // is short, and the pause then carries only what the guest writes during it.
+        let shrinking = dirty * 2 < previous_dirty && estimate_ms > WORTH_ANOTHER_ROUND_MS;
+        if estimate_ms <= opts.max_downtime_ms && !shrinking {
             break;
         }
         // Not shrinking by a tenth per round: the guest writes about as fast as we send.
@@ -330,16 +335,22 @@ fn precopy(
     Ok(pending)
 }
 
-/// With the VM paused: makes the disk durable and adds what was written since the last
-/// round to `pending`.
-fn last_changes(tracking: &Tracking, mut pending: Plan) -> Result<Plan, MigrationError> {
-    if let Some(disk) = &tracking.disk {
-        disk.block
-            .lock()
-            .unwrap()
-            .flush()
-            .map_err(MigrationError::Disk)?;
+/// Waits until the target has stored everything sent on every stream.
+fn sync(link: &mut Link, extra: &mut [Link]) -> Result<(), MigrationError> {
+    for l in extra.iter_mut().chain(std::iter::once(&mut *link)) {
+        l.send(&Frame::Sync)?;
+        l.flush()?;
     }
+    for l in extra.iter_mut().chain(std::iter::once(link)) {
+        l.expect(Frame::Synced)?;
+    }
+    Ok(())
+}
+
+/// With the VM paused: adds what was written since the last round to `pending`. (No flush:
+/// the disk is read through the same page cache the guest's writes went to, and on this
+/// side it is about to be dropped.)
+fn last_changes(tracking: &Tracking, mut pending: Plan) -> Result<Plan, MigrationError> {
     let last = tracking.take()?;
     for (words, more) in pending.memory.iter_mut().zip(&last.memory) {
         for (w, m) in words.iter_mut().zip(more) {

@@ -11,8 +11,8 @@ use super::transport::{Listener, TlsFiles, TransportError};
 use super::{DISK_BLOCK, PAGE};
 use crate::devices::serial::SerialOutput;
 use crate::memory;
+use crate::restore::{check_fits, Placement, Shape, Unrestored};
 use crate::vm::Vm;
-use crate::vmm::{check_fits, Placement};
 use crate::Vmm;
 use std::fs::File;
 use std::net::SocketAddr;
@@ -41,6 +41,8 @@ pub enum ReceiveError {
     Link(#[from] LinkError),
     #[error("the VM cannot run here: {0}")]
     Unfit(Box<crate::Error>),
+    #[error("this host cannot take the VM: {0}")]
+    HostSide(String),
     #[error("the source sent {0}")]
     Invalid(String),
     #[error("post-copy: {0}")]
@@ -97,11 +99,6 @@ impl Drop for PostcopyRun {
 }
 
 impl Incoming {
-    /// The built VM, e.g. to set up its network before it runs.
-    pub fn vmm(&self) -> &Vmm {
-        &self.vmm
-    }
-
     /// Tells the source the VM is ready and waits for its commit; then the VM is this
     /// host's to run (after a post-copy, with the rest arriving as it runs). Without a
     /// commit (the source gave up, the link broke) everything received is dropped.
@@ -137,11 +134,15 @@ impl Incoming {
 }
 
 /// Listens on `cfg.listen` (calling `listening` once bound), receives one VM and builds it.
-pub fn receive(
+/// `host_side` readies this host for the VM once its devices exist (given the TAP its network
+/// uses), before anything moves and so outside the pause; what it returns comes back with
+/// the VM, and its error refuses the migration.
+pub fn receive<T, E: std::fmt::Display>(
     cfg: &ReceiveConfig,
     console: SerialOutput,
     listening: impl FnOnce(SocketAddr),
-) -> Result<Incoming, ReceiveError> {
+    host_side: impl FnOnce(Option<&str>) -> Result<T, E>,
+) -> Result<(Incoming, T), ReceiveError> {
     let listener = Listener::bind(&cfg.listen, cfg.tls.server_config()?)?;
     listening(listener.local_addr().map_err(|source| TransportError::Io {
         what: "read the listening address".into(),
@@ -160,7 +161,13 @@ pub fn receive(
             return Err(e);
         }
     };
-    let (vm, disk) = match prepare(&hello, &cfg.place) {
+    // The VM, its disk image and its devices are made now, while memory arrives: the pause
+    // then holds only putting in the state.
+    let prepared = prepare(&hello, &cfg.place, console).and_then(|(vm, disk)| {
+        let host = host_side(vm.tap()).map_err(|e| ReceiveError::HostSide(e.to_string()))?;
+        Ok((vm, disk, host))
+    });
+    let (vm, disk, host) = match prepared {
         Ok(prepared) => prepared,
         Err(e) => {
             link.abort(&e.to_string());
@@ -180,12 +187,12 @@ pub fn receive(
     };
     let mut postcopy = None;
     let filled = std::thread::scope(|s| {
-        let (vm, disk) = (&vm, disk.as_ref());
+        let (memory, disk) = (vm.vm(), disk.as_ref());
         let streams = extra
             .iter_mut()
-            .map(|l| s.spawn(move || fill_stream(l, vm, disk)))
+            .map(|l| s.spawn(move || fill_stream(l, memory, disk)))
             .collect();
-        let filled = fill(&mut link, vm, disk, hello.postcopy, streams);
+        let filled = fill(&mut link, memory, disk, hello.postcopy, streams);
         if let Err(e) = &filled {
             // The source then closes the other streams, which ends their receivers.
             link.abort(&e.to_string());
@@ -194,25 +201,10 @@ pub fn receive(
     });
     let received = filled.and_then(|(state, plan)| {
         let arrived = std::time::Instant::now();
-        // What was checked up front must be what arrives.
-        if state.memory_mib != hello.memory_mib {
-            return Err(ReceiveError::Invalid(format!(
-                "a state of {} MiB for a VM of {} MiB",
-                state.memory_mib, hello.memory_mib
-            )));
-        }
-        // (Not its CPUID: KVM updates runtime bits such as OSXSAVE as the guest runs.)
-        if state.vcpus.len() != hello.vcpus as usize {
-            return Err(ReceiveError::Invalid(format!(
-                "a state of {} vCPUs for a VM of {}",
-                state.vcpus.len(),
-                hello.vcpus
-            )));
-        }
         if let (Some((plan, stale)), Some(mut pull)) = (plan, pull.take()) {
             let image = disk.as_ref().map(|d| (&d.file, d.len));
-            let shared = Arc::new(Postcopy::prepare(&vm, image, &plan, stale)?);
-            // Faults are served from now on: building the VM may touch its memory.
+            let shared = Arc::new(Postcopy::prepare(vm.vm(), image, &plan, stale)?);
+            // Faults are served from now on: putting in the state may touch its memory.
             let faults = shared.clone();
             std::thread::Builder::new()
                 .name("postcopy-faults".into())
@@ -223,20 +215,25 @@ pub fn receive(
                 running: false,
             });
         }
-        let vmm = Vmm::rebuild(vm, &state, &cfg.place, console)?;
+        // What was checked up front must be what arrives (not its CPUID: KVM updates
+        // runtime bits such as OSXSAVE as the guest runs).
+        let vmm = vm.restore(&state)?;
         log::info!(
-            "built the VM {} ms after its state arrived",
+            "restored the VM {} ms after its state arrived",
             arrived.elapsed().as_millis()
         );
         Ok(vmm)
     });
     match received {
-        Ok(vmm) => Ok(Incoming {
-            vmm,
-            link,
-            disk,
-            postcopy,
-        }),
+        Ok(vmm) => Ok((
+            Incoming {
+                vmm,
+                link,
+                disk,
+                postcopy,
+            },
+            host,
+        )),
         Err(e) => {
             link.abort(&e.to_string());
             Err(e)
@@ -244,8 +241,12 @@ pub fn receive(
     }
 }
 
-/// Checks the VM fits and makes its empty memory and disk image.
-fn prepare(hello: &Hello, place: &Placement) -> Result<(Vm, Option<NewDisk>), ReceiveError> {
+/// Checks the VM fits, makes its empty memory and disk image, and a VM of its shape.
+fn prepare(
+    hello: &Hello,
+    place: &Placement,
+    console: SerialOutput,
+) -> Result<(Unrestored, Option<NewDisk>), ReceiveError> {
     if hello.streams == 0 || hello.streams > MAX_STREAMS {
         return Err(ReceiveError::Invalid(format!("{} streams", hello.streams)));
     }
@@ -283,6 +284,12 @@ fn prepare(hello: &Hello, place: &Placement) -> Result<(Vm, Option<NewDisk>), Re
         }
         _ => None,
     };
+    let shape = Shape {
+        memory_mib: hello.memory_mib,
+        vcpus: hello.vcpus,
+        devices: &hello.devices,
+    };
+    let vm = Vmm::prepare(vm, &shape, place, console)?;
     Ok((vm, disk))
 }
 
@@ -326,14 +333,10 @@ fn fill(
             }
             Frame::Memory(batch) => pages_arrived |= write_memory(vm, &batch)?,
             Frame::Disk(batch) => write_disk(disk, &batch)?,
+            Frame::Sync => synced(link)?,
             Frame::State(state) => {
+                // No flush in the pause: the guest's next flush makes the whole image durable.
                 end_streams(&mut pages_arrived)?;
-                if let Some(disk) = disk {
-                    disk.file.sync_data().map_err(|source| ReceiveError::Disk {
-                        path: disk.path.clone(),
-                        source,
-                    })?;
-                }
                 return Ok((state, plan.map(|p| (p, pages_arrived))));
             }
             other => return Err(unexpected(&other)),
@@ -348,6 +351,7 @@ fn fill_stream(link: &mut Link, vm: &Vm, disk: Option<&NewDisk>) -> Result<bool,
         match link.receive()? {
             Frame::Memory(batch) => pages_arrived |= write_memory(vm, &batch)?,
             Frame::Disk(batch) => write_disk(disk, &batch)?,
+            Frame::Sync => synced(link)?,
             Frame::Done => return Ok(pages_arrived),
             other => {
                 return Err(ReceiveError::Invalid(format!(
@@ -357,6 +361,12 @@ fn fill_stream(link: &mut Link, vm: &Vm, disk: Option<&NewDisk>) -> Result<bool,
             }
         }
     }
+}
+
+/// Answers a `Sync`: everything before it is stored.
+fn synced(link: &mut Link) -> Result<(), ReceiveError> {
+    link.send(&Frame::Synced)?;
+    Ok(link.flush()?)
 }
 
 /// Writes a batch of pages into guest memory; returns whether it held any.
@@ -455,7 +465,7 @@ mod tests {
     #[test]
     fn a_bad_hello_is_refused_with_its_reason_before_anything_is_made() {
         let cases = [
-            (hello(VERSION - 1, 1), "protocol version 1"),
+            (hello(VERSION - 1, 1), "protocol version 2"),
             (hello(VERSION, 0), "0 streams"),
             (hello(VERSION, MAX_STREAMS + 1), "17 streams"),
         ];
@@ -473,9 +483,12 @@ mod tests {
             };
             let (tx, rx) = std::sync::mpsc::channel();
             let target = std::thread::spawn(move || {
-                receive(&cfg, Box::new(std::io::sink()), |addr| {
-                    tx.send(addr).unwrap()
-                })
+                receive(
+                    &cfg,
+                    Box::new(std::io::sink()),
+                    |addr| tx.send(addr).unwrap(),
+                    |_| Ok::<_, String>(()),
+                )
                 .map(drop)
                 .map_err(|e| e.to_string())
             });
