@@ -21,8 +21,8 @@
 //! copy), which is what QEMU's restore does (it resumes on the disk the VM had).
 //!
 //! Hopper's restore logs where its own time went (state read, checks, memory mapped, VM
-//! created, disk copied, devices and vCPUs restored); each round prints that line. Nested
-//! figures: only the ratios mean anything.
+//! created, disk copied, devices and vCPUs made, state restored); each round prints that
+//! line. Nested figures: only the ratios mean anything.
 
 use std::time::Duration;
 

@@ -6,7 +6,8 @@
 //! progress file, its uptime and boot id go on (no restart), and the disk arrives
 //! byte-identical. A target host killed mid-migration leaves the VM running on the source;
 //! a source host killed after the handover does not stop the VM on the target. A source
-//! without the fleet's certificate cannot push a VM.
+//! without the fleet's certificate cannot push a VM. A source VMM killed during a post-copy
+//! stops the VM on the target with the reason.
 
 use anyhow::{ensure, Context, Result};
 use hopper_tests::tls::Fleet;
@@ -92,13 +93,13 @@ fn start_migration(
         to.address(),
         from.tls,
         match how {
-            How::Postcopy => " --postcopy",
+            How::Postcopy | How::PostcopyBackground => " --postcopy",
             // The test hosts have one CPU (one stream by default): exercise several.
             How::Precopy => " --streams 3",
             How::Background => "",
         }
     );
-    let out = if how == How::Background {
+    let out = if matches!(how, How::Background | How::PostcopyBackground) {
         from.host.sh(&format!(
             "({command} >/tmp/migrate.out 2>&1 </dev/null; echo $? >/tmp/migrate.status) \
              >/dev/null 2>&1 </dev/null &"
@@ -125,6 +126,7 @@ enum How {
     Postcopy,
     /// Pre-copy, with the command left running in the background.
     Background,
+    PostcopyBackground,
 }
 
 /// Migrates `vm` from `from` to `to` as guest `name` and waits until it answers there.
@@ -234,6 +236,8 @@ fn a_running_guest_moves_between_hosts_and_finishes_its_work_run() -> Result<()>
 
     // The target dies mid-migration: the migration fails and the VM runs on at the source.
     let (_, _) = start_migration(a, &vm, b, "doomed", How::Background)?;
+    // Meanwhile its control socket answers, and says so.
+    await_state(a, &vm, "migrating")?;
     std::thread::sleep(Duration::from_secs(2));
     b.host.kill();
     let status = a.host.sh(
@@ -252,6 +256,7 @@ fn a_running_guest_moves_between_hosts_and_finishes_its_work_run() -> Result<()>
         after > before,
         "the workload stopped on the source after a failed migration"
     );
+    await_state(a, &vm, "running")?;
 
     // A fresh target; the source dies right after the handover; the VM finishes there.
     let c = boot_host("mig-c")?;
@@ -295,7 +300,48 @@ fn a_running_guest_moves_between_hosts_and_finishes_its_work_run() -> Result<()>
         log.contains("refused migration connection"),
         "the target did not log the refusal: {log}"
     );
+    target.kill(&c.host)?;
     vm.sh(&c.host, "true")?;
-    vm.poweroff(&c.host, EXIT)?;
+
+    // The source dies during a post-copy (here a second VM on the same host): the VM cannot
+    // go on without what only the source held, so the target stops it, with the reason,
+    // rather than hang or run on with holes.
+    let (_, orphan) = start_migration(&c, &vm, &c, "orphan", How::PostcopyBackground)?;
+    c.host.sh(&format!(
+        "n=0; until grep -q 'migration handover' {}/vmm.log; do n=$((n+1)); \
+         [ $n -lt 600 ] || exit 1; sleep 0.05; done",
+        vm.dir
+    ))?;
+    vm.kill(&c.host)?;
+    let code = orphan.wait_exit(&c.host, EXIT)?;
+    let log = c.host.sh(&format!("cat {}/vmm.log", orphan.dir))?;
+    ensure!(
+        code != 0 && log.contains("the post-copy broke") && !log.contains("post-copy complete"),
+        "the target of a post-copy whose source died (exit {code}):\n{log}"
+    );
+    Ok(())
+}
+
+/// Waits until `vm status` says `vm` is in `state` (10 s at most).
+fn await_state(on: &Runner, vm: &MicrovmGuest, state: &str) -> Result<()> {
+    let api = vm
+        .api_socket
+        .as_deref()
+        .context("Hopper guests have an API socket")?;
+    let out = on.host.exec(&[
+        "sh",
+        "-c",
+        &format!(
+            "n=0; until hopper-runner vm status --socket {api} | grep -q '\"state\":\"{state}\"'; do \
+             n=$((n+1)); [ $n -lt 200 ] || {{ hopper-runner vm status --socket {api}; exit 1; }}; \
+             sleep 0.05; done"
+        ),
+    ])?;
+    ensure!(
+        out.exit.success(),
+        "the VM's status never said {state}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }

@@ -76,7 +76,7 @@ fn next_data(f: &File, pos: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
 fn write_nonzero(dst: &File, data: &[u8], offset: u64) -> io::Result<()> {
     let mut run: Option<usize> = None;
     for (i, block) in data.chunks(BLOCK).enumerate() {
-        let zero = block.iter().all(|&b| b == 0);
+        let zero = crate::zeros::is_zero(block);
         match (zero, run) {
             (false, None) => run = Some(i * BLOCK),
             (true, Some(s)) => {

@@ -25,6 +25,7 @@ pub mod tap;
 pub mod vcpu;
 pub mod vm;
 mod vmm;
+pub mod zeros;
 
 pub use config::{ConfigError, NetConfig, VmConfig};
 pub use restore::{Placement, RestoreConfig, RestoredDisk};

@@ -292,7 +292,7 @@ fn precopy(
             .map(|d| vec![u64::MAX; d.blocks().div_ceil(64)])
             .unwrap_or_default(),
     };
-    let mut previous_dirty = u64::MAX;
+    let mut convergence = Convergence::default();
     while summary.rounds < opts.max_rounds {
         if src.control.is_exiting() {
             return Err(MigrationError::VmStopped);
@@ -320,19 +320,57 @@ fn precopy(
             dirty >> 10,
             estimate_ms
         );
-        // Under the target, another round still pays while each halves what is left: it
-        // is short, and the pause then carries only what the guest writes during it.
-        let shrinking = dirty * 2 < previous_dirty && estimate_ms > WORTH_ANOTHER_ROUND_MS;
-        if estimate_ms <= opts.max_downtime_ms && !shrinking {
-            break;
+        match convergence.after_round(dirty, estimate_ms, opts.max_downtime_ms) {
+            Next::Handover => break,
+            Next::Round => {}
+            Next::ThrottleAndRound => throttle.tighten(),
         }
-        // Not shrinking by a tenth per round: the guest writes about as fast as we send.
-        if summary.rounds >= 2 && dirty * 10 > previous_dirty * 9 {
-            throttle.tighten();
-        }
-        previous_dirty = dirty;
     }
     Ok(pending)
+}
+
+/// What the rounds so far call for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Handover,
+    Round,
+    /// Another round, with the guest held back more: it writes about as fast as we send.
+    ThrottleAndRound,
+}
+
+/// The dirty sets of the rounds so far, which decide when the pre-copy hands over.
+#[derive(Debug)]
+struct Convergence {
+    rounds: u32,
+    previous_dirty: u64,
+}
+
+impl Default for Convergence {
+    fn default() -> Self {
+        Convergence {
+            rounds: 0,
+            previous_dirty: u64::MAX,
+        }
+    }
+}
+
+impl Convergence {
+    /// After a round that left `dirty` bytes, whose sending is estimated to take
+    /// `estimate_ms`: hand over once that fits `max_downtime_ms`, unless rounds still halve
+    /// what is left (another is short, and the pause then carries only what the guest
+    /// writes during it); throttle when a round did not shrink it by a tenth.
+    fn after_round(&mut self, dirty: u64, estimate_ms: u64, max_downtime_ms: u64) -> Next {
+        self.rounds += 1;
+        let previous = std::mem::replace(&mut self.previous_dirty, dirty);
+        let halving = dirty * 2 < previous && estimate_ms > WORTH_ANOTHER_ROUND_MS;
+        if estimate_ms <= max_downtime_ms && !halving {
+            Next::Handover
+        } else if self.rounds >= 2 && dirty * 10 > previous * 9 {
+            Next::ThrottleAndRound
+        } else {
+            Next::Round
+        }
+    }
 }
 
 /// Waits until the target has stored everything sent on every stream.
@@ -716,5 +754,50 @@ impl Throttle {
             }
             std::thread::sleep(Duration::from_millis(THROTTLE_PERIOD_MS - held));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// Rounds shrink: they go on past the pause target while each halves what is left, and
+    /// hand over once one does not (or too little is left to bother).
+    #[test]
+    fn a_converging_guest_is_handed_over_once_rounds_stop_halving() {
+        let mut c = Convergence::default();
+        assert_eq!(c.after_round(64 * MIB, 4000, 100), Next::Round);
+        assert_eq!(c.after_round(8 * MIB, 500, 100), Next::Round);
+        // Under the target, but halved: one more.
+        assert_eq!(c.after_round(MIB, 60, 100), Next::Round);
+        assert_eq!(c.after_round(MIB / 4, 15, 100), Next::Round);
+        // Under the target and no longer halving.
+        assert_eq!(c.after_round(MIB / 5, 12, 100), Next::Handover);
+        let mut c = Convergence::default();
+        c.after_round(64 * MIB, 4000, 100);
+        // Halved, but too little left to be worth a round.
+        assert_eq!(c.after_round(16 * 4096, 4, 100), Next::Handover);
+    }
+
+    /// A guest that writes as fast as the link carries is throttled from the second round
+    /// on, each round that does not shrink by a tenth; a round that does is not.
+    #[test]
+    fn a_guest_outrunning_the_link_is_throttled_harder_each_round() {
+        let mut c = Convergence::default();
+        assert_eq!(c.after_round(64 * MIB, 4000, 100), Next::Round);
+        assert_eq!(c.after_round(60 * MIB, 3800, 100), Next::ThrottleAndRound);
+        assert_eq!(c.after_round(61 * MIB, 3900, 100), Next::ThrottleAndRound);
+        assert_eq!(c.after_round(40 * MIB, 2500, 100), Next::Round);
+        let throttle = Throttle::default();
+        let held: Vec<u8> = (0..10)
+            .map(|_| {
+                throttle.tighten();
+                throttle.percent.load(Ordering::Relaxed)
+            })
+            .collect();
+        assert_eq!(held, [20, 30, 40, 50, 60, 70, 80, 90, 95, 95]);
+        assert_eq!(throttle.max.load(Ordering::Relaxed), 95);
     }
 }

@@ -75,7 +75,7 @@ pub fn save(mem: &GuestMemory, file: &File) -> Result<Saved, SnapshotMemoryError
                     addr: region.start_addr().0 + at,
                     source,
                 })?;
-            if page.iter().all(|b| *b == 0) {
+            if crate::zeros::is_zero(&page) {
                 continue;
             }
             if run.len() == WRITE_RUN || (!run.is_empty() && run_start + run.len() as u64 != at) {
