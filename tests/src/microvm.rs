@@ -182,9 +182,10 @@ echo "$t0 $ti $t1""#,
 /// return once its pid is in `dir/vmm.pid`; its exit status lands in `dir/exit_status`.
 fn spawn_script(dir: &str, launch: &str) -> String {
     // The VMM's output goes to files: the agent's exec returns only when every holder of its
-    // pipes has exited, and the VMM keeps running.
+    // pipes has exited, and the VMM keeps running. `set +e`: a failed VMM's status is what
+    // the caller wants to see, and under the caller's `set -e` the subshell would end first.
     format!(
-        "( {launch} </dev/null & echo $! >{dir}/vmm.pid; wait $!; echo $? >{dir}/exit_status ) \\
+        "( set +e; {launch} </dev/null & echo $! >{dir}/vmm.pid; wait $!; echo $? >{dir}/exit_status ) \\
   </dev/null >/dev/null 2>&1 &
 while [ ! -s {dir}/vmm.pid ]; do sleep 0.01; done"
     )

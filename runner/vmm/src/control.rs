@@ -309,23 +309,31 @@ mod tests {
         }
     }
 
-    #[test]
-    fn work_answered_later_does_not_hold_up_other_requests() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("api.sock");
+    type Loop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+    /// An event loop serving [`SlowPause`] on a socket in `dir`; each message sent on the
+    /// returned channel lets one pause end.
+    fn slow_server(dir: &std::path::Path) -> (PathBuf, Loop, mpsc::Sender<()>) {
+        let path = dir.join("api.sock");
         let (go, wait) = mpsc::channel();
         let server = ControlServer::new(
             UnixListener::bind(&path).unwrap(),
             SlowPause(Arc::new(Mutex::new(wait))),
         )
         .unwrap();
+        let mut em = Loop::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(server)));
+        (path, em, go)
+    }
+
+    #[test]
+    fn work_answered_later_does_not_hold_up_other_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut em, go) = slow_server(dir.path());
         let done = Arc::new(AtomicBool::new(false));
         let serving = {
             let done = done.clone();
             std::thread::spawn(move || {
-                let mut em =
-                    EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-                em.add_subscriber(Arc::new(Mutex::new(server)));
                 while !done.load(Ordering::Relaxed) {
                     em.run_with_timeout(10).unwrap();
                 }
@@ -353,15 +361,7 @@ mod tests {
     #[test]
     fn a_dropped_server_still_answers_its_work() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("api.sock");
-        let (go, wait) = mpsc::channel();
-        let server = ControlServer::new(
-            UnixListener::bind(&path).unwrap(),
-            SlowPause(Arc::new(Mutex::new(wait))),
-        )
-        .unwrap();
-        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-        em.add_subscriber(Arc::new(Mutex::new(server)));
+        let (path, mut em, go) = slow_server(dir.path());
         let slow = {
             let path = path.clone();
             std::thread::spawn(move || call(&path, &Request::Pause).unwrap())
