@@ -14,6 +14,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use crate::migration::{MigrateOptions, MigrationSummary};
 use crate::persist::SnapshotSummary;
@@ -169,11 +170,7 @@ impl<C: Controllable> ControlServer<C> {
         for line in lines {
             match self.answer(&line) {
                 Answer::Now(r) => replies.push(r),
-                Answer::Later(work) => {
-                    if let Err(e) = self.later(fd, work) {
-                        replies.push(Response::error(format!("cannot start the work: {e}")));
-                    }
-                }
+                Answer::Later(work) => self.later(fd, work),
             }
         }
         if overlong {
@@ -190,26 +187,41 @@ impl<C: Controllable> ControlServer<C> {
         !overlong
     }
 
-    /// Runs `work` on its own thread, which answers the client at `fd` when it ends.
-    fn later(
-        &mut self,
-        fd: RawFd,
-        work: Box<dyn FnOnce() -> Response + Send>,
-    ) -> std::io::Result<()> {
+    /// Runs `work` on its own thread, which answers the client at `fd` when it ends. Should
+    /// no thread start, the work runs here, as it must end either way (it may have changed
+    /// the VM's state, which only its end settles).
+    fn later(&mut self, fd: RawFd, work: Box<dyn FnOnce() -> Response + Send>) {
         let Some((stream, _)) = self.clients.get(&fd) else {
-            return Ok(());
+            return;
         };
-        let stream = stream.try_clone()?;
+        let stream = match stream.try_clone() {
+            Ok(clone) => clone,
+            Err(e) => {
+                log::warn!("control socket: cannot share a client's stream ({e})");
+                let _ = write_response(stream, &work());
+                return;
+            }
+        };
         self.work.retain(|w| !w.is_finished());
-        let thread = std::thread::Builder::new()
+        let slot = Arc::new(Mutex::new(Some(work)));
+        let theirs = slot.clone();
+        let spawned = std::thread::Builder::new()
             .name("control-work".into())
             .spawn(move || {
-                let response = work();
-                // The client may be gone; the work is done either way.
-                let _ = write_response(&stream, &response);
-            })?;
-        self.work.push(thread);
-        Ok(())
+                if let Some(work) = theirs.lock().unwrap().take() {
+                    // The client may be gone; the work is done either way.
+                    let _ = write_response(&stream, &work());
+                }
+            });
+        match spawned {
+            Ok(thread) => self.work.push(thread),
+            Err(e) => {
+                log::warn!("control socket: cannot start a thread ({e}); the work runs here");
+                if let Some(work) = slot.lock().unwrap().take() {
+                    let _ = write_response(&self.clients[&fd].0, &work());
+                }
+            }
+        }
     }
 }
 
@@ -289,7 +301,7 @@ mod tests {
     use super::*;
     use event_manager::{EventManager, SubscriberOps};
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{mpsc, Arc, Mutex};
+    use std::sync::mpsc;
 
     /// Pauses later (when the test says so); answers the rest at once.
     struct SlowPause(Arc<Mutex<mpsc::Receiver<()>>>);
