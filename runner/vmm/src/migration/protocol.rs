@@ -204,9 +204,10 @@ impl Compressor {
     const PROBE_EVERY: u32 = 16;
 
     /// Appends `group` (encoded units) to `out`: a packing byte, then the bytes raw, or
-    /// their length and packed length (u32 each) and the packed bytes.
-    fn pack(&mut self, group: &[u8], out: &mut Vec<u8>) {
-        if self.worth_trying() {
+    /// their length and packed length (u32 each) and the packed bytes. A group without data
+    /// (zero markers only) is not tried.
+    fn pack(&mut self, group: &[u8], has_data: bool, out: &mut Vec<u8>) {
+        if has_data && self.worth_trying() {
             self.tried += 1;
             match self.zstd.compress(group) {
                 Ok(packed) if packed.len() + 8 <= group.len() - group.len() / 8 => {
@@ -345,12 +346,8 @@ fn encode_batch(batch: &Batch, compressor: &mut Compressor) -> Vec<u8> {
                 }
             }
         }
-        if items.iter().any(|(_, u)| *u != Unit::Zero) {
-            compressor.pack(&group, &mut out);
-        } else {
-            out.push(PACK_RAW);
-            out.extend_from_slice(&group);
-        }
+        let has_data = items.iter().any(|(_, u)| matches!(u, Unit::Data(_)));
+        compressor.pack(&group, has_data, &mut out);
     }
     out
 }

@@ -339,19 +339,10 @@ enum Next {
 }
 
 /// The dirty sets of the rounds so far, which decide when the pre-copy hands over.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Convergence {
-    rounds: u32,
-    previous_dirty: u64,
-}
-
-impl Default for Convergence {
-    fn default() -> Self {
-        Convergence {
-            rounds: 0,
-            previous_dirty: u64::MAX,
-        }
-    }
+    /// What the last round left dirty; none before the first round.
+    previous_dirty: Option<u64>,
 }
 
 impl Convergence {
@@ -360,12 +351,12 @@ impl Convergence {
     /// what is left (another is short, and the pause then carries only what the guest
     /// writes during it); throttle when a round did not shrink it by a tenth.
     fn after_round(&mut self, dirty: u64, estimate_ms: u64, max_downtime_ms: u64) -> Next {
-        self.rounds += 1;
-        let previous = std::mem::replace(&mut self.previous_dirty, dirty);
-        let halving = dirty * 2 < previous && estimate_ms > WORTH_ANOTHER_ROUND_MS;
+        let previous = self.previous_dirty.replace(dirty);
+        let halving =
+            previous.is_none_or(|p| dirty * 2 < p) && estimate_ms > WORTH_ANOTHER_ROUND_MS;
         if estimate_ms <= max_downtime_ms && !halving {
             Next::Handover
-        } else if self.rounds >= 2 && dirty * 10 > previous * 9 {
+        } else if previous.is_some_and(|p| dirty * 10 > p * 9) {
             Next::ThrottleAndRound
         } else {
             Next::Round

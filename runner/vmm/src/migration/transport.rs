@@ -106,9 +106,10 @@ impl TlsFiles {
     }
 }
 
-/// TLS 1.3 only (every peer is a Hopper runner) with ring's suites, AES-128-GCM first: every byte of a VM is encrypted once and decrypted once,
-/// and AES-128 takes 10 rounds per block where AES-256 takes 14 (about a tenth less time per
-/// byte, with or without AES-NI), with a security margin ample for a link that lives minutes.
+/// TLS 1.3 only (every peer is a Hopper runner) with ring's suites, AES-128-GCM first: every
+/// byte of a VM is encrypted once and decrypted once, and AES-128 takes 10 rounds per block
+/// where AES-256 takes 14 (about a tenth less time per byte, with or without AES-NI), with a
+/// security margin ample for a link that lives minutes.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::ring::cipher_suite::*;
     let mut provider = rustls::crypto::ring::default_provider();
