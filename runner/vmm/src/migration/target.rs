@@ -118,7 +118,7 @@ impl Incoming {
         }
         if let Some(run) = &mut self.postcopy {
             let shared = run.shared.clone();
-            shared.watch(self.vmm.exit_signal());
+            shared.watch(self.vmm.exit_signal(), self.vmm.free_page_drops());
             if let (Some(block), Some(disk)) = (self.vmm.disk(), shared.disk()) {
                 block.lock().unwrap().fill_from(Some(disk));
             }
@@ -453,6 +453,7 @@ mod tests {
                 disk: Some(SavedDisk { read_only: false }),
                 net: None,
                 agent: false,
+                free_page_reporting: false,
             },
             vcpus: 1,
             cpuid: Vec::new(),
