@@ -7,7 +7,7 @@
 use super::link::{Link, LinkError};
 use super::protocol::{Batch, Frame, Hello, Plan, Unit};
 use super::pull::Postcopy;
-use super::transport::{Listener, TlsFiles, TransportError};
+use super::transport::{Listener, TlsFiles, TransportError, IO_TIMEOUT};
 use super::{DISK_BLOCK, PAGE};
 use crate::devices::serial::SerialOutput;
 use crate::memory;
@@ -179,10 +179,10 @@ pub fn receive<T, E: std::fmt::Display>(
     // The source's further connections, in the order it opens them: the other streams,
     // then a post-copy's pulls.
     let mut extra = (1..hello.streams)
-        .map(|_| Ok(Link::new(listener.accept_more()?)))
+        .map(|_| Ok(Link::new(listener.accept_more(IO_TIMEOUT)?)))
         .collect::<Result<Vec<_>, ReceiveError>>()?;
     let mut pull = match hello.postcopy {
-        true => Some(Link::new(listener.accept_more()?)),
+        true => Some(Link::new(listener.accept_more(IO_TIMEOUT)?)),
         false => None,
     };
     let mut postcopy = None;

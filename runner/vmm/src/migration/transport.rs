@@ -12,7 +12,7 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The name every runner's certificate carries (as a DNS subject alternative name); the
 /// client checks it, the CA vouches for the rest.
@@ -212,32 +212,24 @@ impl Listener {
         self.tcp.local_addr()
     }
 
-    /// A further connection of the source already accepted (more streams, the pull
-    /// channel), which must come within [`IO_TIMEOUT`].
-    pub fn accept_more(&self) -> Result<Channel, TransportError> {
-        let mut fd = libc::pollfd {
-            fd: self.tcp.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the listening socket, which outlives the call.
-        let ready = unsafe { libc::poll(&mut fd, 1, IO_TIMEOUT.as_millis() as i32) };
-        if ready <= 0 {
-            return Err(TransportError::Io {
-                what: "accept the source's further connection".into(),
-                source: match ready {
-                    0 => io::ErrorKind::TimedOut.into(),
-                    _ => io::Error::last_os_error(),
-                },
-            });
-        }
-        self.accept()
-    }
-
     /// Waits for a peer that completes the TLS handshake with a certificate the CA signed;
     /// peers that do not are logged and turned away.
     pub fn accept(&self) -> Result<Channel, TransportError> {
+        self.accept_until(None)
+    }
+
+    /// A further connection of the source already accepted (more streams, the pull
+    /// channel), which must come within `patience`: peers turned away meanwhile do not
+    /// extend it.
+    pub fn accept_more(&self, patience: Duration) -> Result<Channel, TransportError> {
+        self.accept_until(Some(Instant::now() + patience))
+    }
+
+    fn accept_until(&self, deadline: Option<Instant>) -> Result<Channel, TransportError> {
         loop {
+            if let Some(deadline) = deadline {
+                self.wait_for_peer(deadline)?;
+            }
             let (tcp, peer) = self.tcp.accept().map_err(|source| TransportError::Io {
                 what: "accept a migration connection".into(),
                 source,
@@ -261,6 +253,32 @@ impl Listener {
                 }
                 Err(e) => log::warn!("refused migration connection from {peer}: {e}"),
             }
+        }
+    }
+
+    /// Returns once a connection waits to be accepted, or fails at `deadline`.
+    fn wait_for_peer(&self, deadline: Instant) -> Result<(), TransportError> {
+        let mut fd = libc::pollfd {
+            fd: self.tcp.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // Rounded up, so that a timeout means the deadline has passed.
+        let left_ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_micros()
+            .div_ceil(1000);
+        // SAFETY: one valid pollfd for the listening socket, which outlives the call.
+        let ready = unsafe { libc::poll(&mut fd, 1, left_ms.min(i32::MAX as u128) as i32) };
+        match ready {
+            1.. => Ok(()),
+            _ => Err(TransportError::Io {
+                what: "accept the source's further connection".into(),
+                source: match ready {
+                    0 => io::ErrorKind::TimedOut.into(),
+                    _ => io::Error::last_os_error(),
+                },
+            }),
         }
     }
 }
@@ -320,6 +338,34 @@ pub(crate) mod tests {
         channel.write_all(b"hello").unwrap();
         channel.flush().unwrap();
         assert_eq!(&server.join().unwrap(), b"hello");
+    }
+
+    #[test]
+    fn a_further_connection_must_come_in_time_even_past_refused_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = identity(dir.path(), "fleet");
+        let outsider = identity(dir.path(), "outsider");
+        let listener = Listener::bind("127.0.0.1:0", fleet.server_config().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let patience = Duration::from_millis(300);
+
+        let started = Instant::now();
+        let err = listener
+            .accept_more(patience)
+            .err()
+            .expect("nobody connected");
+        assert!(started.elapsed() >= patience, "gave up early");
+        assert!(err.to_string().contains("further connection"), "{err}");
+
+        // A refused peer does not restart the wait, nor does the wait end at it.
+        let started = Instant::now();
+        let knocking =
+            std::thread::spawn(move || connect(&addr, outsider.client_config().unwrap()));
+        assert!(listener.accept_more(patience).is_err());
+        let waited = started.elapsed();
+        assert!(waited >= patience, "gave up at the refused peer");
+        assert!(waited < patience * 3, "waited past the deadline");
+        let _ = knocking.join();
     }
 
     #[test]
