@@ -466,7 +466,7 @@ mod tests {
     #[test]
     fn a_bad_hello_is_refused_with_its_reason_before_anything_is_made() {
         let cases = [
-            (hello(VERSION - 1, 1), "protocol version 2"),
+            (hello(VERSION - 1, 1), "protocol version 3"),
             (hello(VERSION, 0), "0 streams"),
             (hello(VERSION, MAX_STREAMS + 1), "17 streams"),
         ];
