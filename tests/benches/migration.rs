@@ -10,7 +10,9 @@
 //! sent (memory and disk). Neither side has shared storage: QEMU copies the disk with its
 //! block migration (`migrate -b`), Hopper with its own block tracking. Both run with their
 //! defaults (QEMU: 300 ms downtime limit, no compression, plain TCP; Hopper: 100 ms target,
-//! zstd where it pays, mutual TLS). Hopper's post-copy (`--postcopy`: handed over at once,
+//! zstd where it pays, mutual TLS). Since Hopper always encrypts, QEMU is also measured with
+//! mutual TLS (`tls-creds-x509` with the same certificates, otherwise its defaults): the
+//! like-for-like peer. Hopper's post-copy (`--postcopy`: handed over at once,
 //! the rest pulled on fault and pushed while the guest runs on the target) is measured too;
 //! its total time runs until the last page and block arrived. QEMU's post-copy is not
 //! compared: QEMU 7.2 refuses it together with block migration.
@@ -117,11 +119,27 @@ fn hopper_round(
     Ok(())
 }
 
-fn qemu_round(a: &TestHost, b: &TestHost, s: &mut Samples) -> Result<()> {
+/// QEMU's arguments for a TLS migration endpoint ("client" sends, "server" receives) with
+/// the credentials in `dir` (tls::Identity::install_for_qemu).
+fn qemu_tls(dir: &str, endpoint: &str) -> String {
+    format!(
+        "-object tls-creds-x509,id=tls0,dir={dir},endpoint={endpoint} \
+         -global migration.tls-creds=tls0 -global migration.tls-hostname=hopper-runner"
+    )
+}
+
+/// One QEMU migration A → B, over TLS with the credentials in `tls` (the same directory on
+/// both hosts) when given.
+fn qemu_round(a: &TestHost, b: &TestHost, tls: Option<&str>, s: &mut Samples) -> Result<()> {
     let mut opts = guest(GuestVmm::Qemu, "bench-qemu");
-    opts.extra_vmm_args = vec![format!("-monitor tcp:{MONITOR},server,nowait")];
-    let vm = busy_guest(a, &opts)?;
+    let monitor = format!("-monitor tcp:{MONITOR},server,nowait");
+    opts.extra_vmm_args = vec![monitor.clone()];
     let mut incoming = opts.clone();
+    if let Some(dir) = tls {
+        opts.extra_vmm_args.push(qemu_tls(dir, "client"));
+        incoming.extra_vmm_args.push(qemu_tls(dir, "server"));
+    }
+    let vm = busy_guest(a, &opts)?;
     incoming.name = "bench-qemu-in".into();
     incoming.incoming = Some(format!("tcp:0:{PORT}"));
     let status = std::thread::scope(|scope| {
@@ -170,11 +188,15 @@ fn main() -> Result<()> {
     });
     let (a, b) = (a?, b?);
     let fleet = Fleet::new("Hopper bench fleet")?;
+    let identities = [fleet.runner()?, fleet.runner()?];
     let tls = [
-        fleet.runner()?.install(&a, "runner")?,
-        fleet.runner()?.install(&b, "runner")?,
+        identities[0].install(&a, "runner")?,
+        identities[1].install(&b, "runner")?,
     ];
-    let [mut pre, mut post, mut qemu] = [(); 3].map(|_| Samples::default());
+    let qemu_dir = identities[0].install_for_qemu(&a, "qemu")?;
+    anyhow::ensure!(identities[1].install_for_qemu(&b, "qemu")? == qemu_dir);
+    let qemu_creds = Some(qemu_dir.as_str());
+    let [mut pre, mut post, mut qemu, mut qemu_tls_samples] = [(); 4].map(|_| Samples::default());
     // QEMU's emulation translates code the first times it runs: in a fresh pair of test
     // hosts Hopper's first migration paused 5 to 9 times longer than the later ones,
     // QEMU's about a tenth longer (measured). Each gets one round that is not counted.
@@ -182,11 +204,13 @@ fn main() -> Result<()> {
     let mut discarded = Samples::default();
     hopper_round(&a, &b, &tls, false, &mut discarded)?;
     hopper_round(&a, &b, &tls, true, &mut discarded)?;
-    qemu_round(&a, &b, &mut discarded)?;
+    qemu_round(&a, &b, None, &mut discarded)?;
+    qemu_round(&a, &b, qemu_creds, &mut discarded)?;
     for round in 1..=rounds {
         hopper_round(&a, &b, &tls, false, &mut pre)?;
         hopper_round(&a, &b, &tls, true, &mut post)?;
-        qemu_round(&a, &b, &mut qemu)?;
+        qemu_round(&a, &b, None, &mut qemu)?;
+        qemu_round(&a, &b, qemu_creds, &mut qemu_tls_samples)?;
         let last = |s: &Samples| {
             format!(
                 "pause {:.0} ms, total {:.0} ms, {:.1} MiB sent",
@@ -196,19 +220,22 @@ fn main() -> Result<()> {
             )
         };
         eprintln!(
-            "round {round}/{rounds}: Hopper pre-copy {}; Hopper post-copy {}; QEMU {}",
+            "round {round}/{rounds}: Hopper pre-copy {}; Hopper post-copy {}; QEMU {}; \
+             QEMU with TLS {}",
             last(&pre),
             last(&post),
-            last(&qemu)
+            last(&qemu),
+            last(&qemu_tls_samples)
         );
     }
     println!(
         "Live migration benchmark: {rounds} round(s), 512 MiB guest, 2 vCPUs, workload running, medians"
     );
     println!(
-        "| | Hopper pre-copy | Hopper post-copy | QEMU pre-copy | pre-copy / QEMU | post-copy / QEMU |"
+        "| | Hopper pre-copy | Hopper post-copy | QEMU pre-copy | QEMU pre-copy, TLS \
+         | pre-copy / QEMU | post-copy / QEMU | pre-copy / QEMU TLS | post-copy / QEMU TLS |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (what, field) in [
         (
             "pause (ms)",
@@ -217,11 +244,13 @@ fn main() -> Result<()> {
         ("total time (ms)", |s| &s.total_ms),
         ("sent (MiB)", |s| &s.sent_mib),
     ] {
-        let [h, p, q] = [&pre, &post, &qemu].map(|s| median(field(s)));
+        let [h, p, q, t] = [&pre, &post, &qemu, &qemu_tls_samples].map(|s| median(field(s)));
         println!(
-            "| {what} | {h:.0} | {p:.0} | {q:.0} | {:.2} | {:.2} |",
+            "| {what} | {h:.0} | {p:.0} | {q:.0} | {t:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
             h / q,
-            p / q
+            p / q,
+            h / t,
+            p / t
         );
     }
     Ok(())

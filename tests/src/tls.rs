@@ -1,6 +1,7 @@
 //! Mutual-TLS identities for migration tests: a fleet CA and runner certificates it signs
 //! (with the DNS name runners check, "hopper-runner"), made fresh for each test run, and
-//! installed into test hosts for `hopper-runner vm migrate` / `vm receive`.
+//! installed into test hosts for `hopper-runner vm migrate` / `vm receive` (and for QEMU's
+//! migration over TLS, the benchmark's like-for-like peer).
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
@@ -71,5 +72,22 @@ impl Identity {
         Ok(format!(
             "--tls-cert {dir}/cert.pem --tls-key {dir}/key.pem --tls-ca {dir}/ca.pem"
         ))
+    }
+
+    /// Writes the identity into `host` as QEMU's `tls-creds-x509` expects it (one directory
+    /// serving as either endpoint) and returns that directory.
+    pub fn install_for_qemu(&self, host: &TestHost, name: &str) -> Result<String, HarnessError> {
+        let dir = format!("{DIR}/{name}");
+        host.sh(&format!("mkdir -p {dir}"))?;
+        for (file, pem, mode) in [
+            ("ca-cert.pem", &self.ca, 0o644),
+            ("server-cert.pem", &self.cert, 0o644),
+            ("server-key.pem", &self.key, 0o600),
+            ("client-cert.pem", &self.cert, 0o644),
+            ("client-key.pem", &self.key, 0o600),
+        ] {
+            host.write_file(&format!("{dir}/{file}"), pem.as_bytes(), mode)?;
+        }
+        Ok(dir)
     }
 }

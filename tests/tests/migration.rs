@@ -7,7 +7,9 @@
 //! byte-identical. A target host killed mid-migration leaves the VM running on the source;
 //! a source host killed after the handover does not stop the VM on the target. A source
 //! without the fleet's certificate cannot push a VM. A source VMM killed during a post-copy
-//! stops the VM on the target with the reason.
+//! stops the VM on the target with the reason. One hop, with a guest that writes all the
+//! time and a pause target it can never meet, gets the guest throttled and ends within the
+//! round limit.
 
 use anyhow::{ensure, Context, Result};
 use hopper_tests::tls::Fleet;
@@ -22,6 +24,10 @@ const PORT: u16 = 7700;
 const HOPS: usize = 10;
 /// Hops from this one on are post-copy.
 const POSTCOPY_FROM: usize = 7;
+/// The hop whose pause target (0 ms) cannot be met: it runs the most rounds allowed, and
+/// the guest, which writes all the time meanwhile, gets throttled.
+const THROTTLED_HOP: usize = 3;
+const THROTTLED_ROUNDS: u32 = 12;
 /// The hops at which the guest is made quiet so that its disk can be compared (one of
 /// each kind).
 const DISK_CHECK_HOPS: [usize; 2] = [5, 8];
@@ -88,16 +94,17 @@ fn start_migration(
         .api_socket
         .as_deref()
         .context("Hopper guests have an API socket")?;
+    let options = match how {
+        How::Postcopy | How::PostcopyBackground => " --postcopy".to_string(),
+        // The test hosts have one CPU (one stream by default): exercise several.
+        How::Precopy => " --streams 3".to_string(),
+        How::Throttled => format!(" --max-downtime-ms 0 --max-rounds {THROTTLED_ROUNDS}"),
+        How::Background => String::new(),
+    };
     let command = format!(
-        "hopper-runner vm migrate --socket {api} --to {} {}{}",
+        "hopper-runner vm migrate --socket {api} --to {} {}{options}",
         to.address(),
         from.tls,
-        match how {
-            How::Postcopy | How::PostcopyBackground => " --postcopy",
-            // The test hosts have one CPU (one stream by default): exercise several.
-            How::Precopy => " --streams 3",
-            How::Background => "",
-        }
     );
     let out = if matches!(how, How::Background | How::PostcopyBackground) {
         from.host.sh(&format!(
@@ -123,6 +130,8 @@ fn start_migration(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum How {
     Precopy,
+    /// Pre-copy towards a pause target that cannot be met.
+    Throttled,
     Postcopy,
     /// Pre-copy, with the command left running in the background.
     Background,
@@ -139,12 +148,23 @@ fn hop(
 ) -> Result<MicrovmGuest> {
     let (reply, target) = start_migration(from, vm, to, name, how)?;
     println!("{name}: {}", reply.trim());
-    if how == How::Postcopy {
+    let summary: serde_json::Value = serde_json::from_str(reply.trim())
+        .with_context(|| format!("the migration's reply is not JSON: {reply}"))?;
+    let figure = |name: &str| summary["migration"][name].as_u64().unwrap_or_default();
+    match how {
         // Handed over before any copy round; the command returns once all has arrived.
-        ensure!(
-            reply.contains(r#""rounds":0"#),
+        How::Postcopy => ensure!(
+            figure("rounds") == 0,
             "a post-copy ran pre-copy rounds: {reply}"
-        );
+        ),
+        // It may still hand over early, in a round during which no page changed (the
+        // throttle holds the vCPUs most of the time).
+        How::Throttled => ensure!(
+            (2..=u64::from(THROTTLED_ROUNDS)).contains(&figure("rounds"))
+                && figure("throttle_percent") >= 20,
+            "a pre-copy that cannot converge was not throttled within the round limit: {reply}"
+        ),
+        _ => {}
     }
     ensure!(
         vm.wait_exit(&from.host, EXIT)? == 0,
@@ -201,10 +221,19 @@ fn a_running_guest_moves_between_hosts_and_finishes_its_work_run() -> Result<()>
     for n in 1..=HOPS {
         let (from, to) = (&runners[(n - 1) % 2], &runners[n % 2]);
         let quiet = DISK_CHECK_HOPS.contains(&n);
-        let how = match n >= POSTCOPY_FROM {
-            true => How::Postcopy,
-            false => How::Precopy,
+        let how = match n {
+            THROTTLED_HOP => How::Throttled,
+            n if n >= POSTCOPY_FROM => How::Postcopy,
+            _ => How::Precopy,
         };
+        if how == How::Throttled {
+            // Random pages rewritten without pause, besides the paced workload.
+            vm.sh(
+                &from.host,
+                "sh -c 'while :; do head -c 1048576 /dev/urandom >/dev/shm/churn; done' \
+                 </dev/null >/dev/null 2>&1 & echo $! >/tmp/churn.pid",
+            )?;
+        }
         if quiet {
             // Nothing writes the disk during this hop, so both copies must be equal.
             vm.sh(
@@ -219,6 +248,9 @@ fn a_running_guest_moves_between_hosts_and_finishes_its_work_run() -> Result<()>
             let arrived = sha256(&to.host, &format!("{}/rootfs.ext4", vm.dir))?;
             ensure!(sent == arrived, "hop {n}: the disk differs after migration");
             vm.sh(&to.host, "killall -CONT hopper-workload")?;
+        }
+        if how == How::Throttled {
+            vm.sh(&to.host, "kill $(cat /tmp/churn.pid) && rm /dev/shm/churn")?;
         }
         let (u, id) = identity(&to.host, &vm)?;
         ensure!(id == boot_id, "hop {n}: the guest rebooted (new boot id)");
