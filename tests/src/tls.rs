@@ -60,15 +60,15 @@ impl Identity {
     /// Writes the identity into `host` under `name` and returns the `--tls-*` arguments
     /// that use it.
     pub fn install(&self, host: &TestHost, name: &str) -> Result<String, HarnessError> {
-        let dir = format!("{DIR}/{name}");
-        host.sh(&format!("mkdir -p {dir}"))?;
-        for (file, pem, mode) in [
-            ("cert.pem", &self.cert, 0o644),
-            ("key.pem", &self.key, 0o600),
-            ("ca.pem", &self.ca, 0o644),
-        ] {
-            host.write_file(&format!("{dir}/{file}"), pem.as_bytes(), mode)?;
-        }
+        let dir = install_files(
+            host,
+            name,
+            &[
+                ("cert.pem", &self.cert, 0o644),
+                ("key.pem", &self.key, 0o600),
+                ("ca.pem", &self.ca, 0o644),
+            ],
+        )?;
         Ok(format!(
             "--tls-cert {dir}/cert.pem --tls-key {dir}/key.pem --tls-ca {dir}/ca.pem"
         ))
@@ -77,17 +77,30 @@ impl Identity {
     /// Writes the identity into `host` as QEMU's `tls-creds-x509` expects it (one directory
     /// serving as either endpoint) and returns that directory.
     pub fn install_for_qemu(&self, host: &TestHost, name: &str) -> Result<String, HarnessError> {
-        let dir = format!("{DIR}/{name}");
-        host.sh(&format!("mkdir -p {dir}"))?;
-        for (file, pem, mode) in [
-            ("ca-cert.pem", &self.ca, 0o644),
-            ("server-cert.pem", &self.cert, 0o644),
-            ("server-key.pem", &self.key, 0o600),
-            ("client-cert.pem", &self.cert, 0o644),
-            ("client-key.pem", &self.key, 0o600),
-        ] {
-            host.write_file(&format!("{dir}/{file}"), pem.as_bytes(), mode)?;
-        }
-        Ok(dir)
+        install_files(
+            host,
+            name,
+            &[
+                ("ca-cert.pem", &self.ca, 0o644),
+                ("server-cert.pem", &self.cert, 0o644),
+                ("server-key.pem", &self.key, 0o600),
+                ("client-cert.pem", &self.cert, 0o644),
+                ("client-key.pem", &self.key, 0o600),
+            ],
+        )
     }
+}
+
+/// Writes `files` (name, PEM, mode) into `host`'s directory for identity `name`; returns it.
+fn install_files(
+    host: &TestHost,
+    name: &str,
+    files: &[(&str, &String, u32)],
+) -> Result<String, HarnessError> {
+    let dir = format!("{DIR}/{name}");
+    host.sh(&format!("mkdir -p {dir}"))?;
+    for (file, pem, mode) in files {
+        host.write_file(&format!("{dir}/{file}"), pem.as_bytes(), *mode)?;
+    }
+    Ok(dir)
 }
