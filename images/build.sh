@@ -16,7 +16,7 @@ step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 note() { printf '    %s\n' "$*"; }
 
 # The virtio drivers a guest needs, by module name (dependencies are added).
-GUEST_MODULES=(virtio_mmio virtio_blk virtio_net virtio_console vmw_vsock_virtio_transport virtio_balloon)
+GUEST_MODULES=(virtio_mmio virtio_blk virtio_net virtio_console vmw_vsock_virtio_transport)
 ROOTFS_SIZE=${ROOTFS_SIZE:-64M}
 AGENT=$repo/target/static/x86_64-unknown-linux-gnu/release/hopper-agent
 WORKLOAD=$repo/target/static/x86_64-unknown-linux-gnu/release/hopper-workload

@@ -108,8 +108,7 @@ pub fn boot_guest(host: &TestHost, opts: &MicrovmOptions) -> Result<MicrovmGuest
   -kernel /guest/vmlinuz -initrd /guest/initramfs.cpio.gz -append '{cmdline}' {disk} \
   -netdev user,id=n0,restrict=on -device virtio-net-device,netdev=n0 \
   -device virtio-serial-device -chardev socket,id=c0,path={socket},server=on,wait=off \
-  -device virtconsole,chardev=c0 -device virtio-balloon-device,free-page-reporting=on \
-  {extra} >{dir}/vmm.log 2>&1",
+  -device virtconsole,chardev=c0 {extra} >{dir}/vmm.log 2>&1",
                 mem = opts.memory_mib,
                 cpus = opts.cpus,
             )

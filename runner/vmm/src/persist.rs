@@ -37,9 +37,6 @@ pub struct SavedDevices {
     pub net: Option<SavedNet>,
     /// Whether the VM has the agent channel (virtio-console).
     pub agent: bool,
-    /// Whether the VM reports its free pages (virtio-balloon), which the VMM then drops.
-    #[serde(default)]
-    pub free_page_reporting: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -185,7 +185,6 @@ impl Vmm {
                 mac: n.mac,
             }),
             agent_socket: place.agent_socket.as_deref().filter(|_| saved.agent),
-            free_page_reporting: saved.free_page_reporting,
         };
         let exit = Arc::new(ExitSignal::new().map_err(io("cannot create the exit event"))?);
         let (devices, _) = create_devices(&vm, &spec, &exit, console)?;

@@ -9,7 +9,6 @@ use crate::devices::i8042::I8042Device;
 use crate::devices::power::AcpiPowerDevice;
 use crate::devices::serial::{SerialDevice, SerialOutput};
 use crate::devices::virtio::attach::VirtioDevices;
-use crate::devices::virtio::balloon::{Balloon, FreePageDrops};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::Console;
 use crate::devices::virtio::mmio::MmioTransport;
@@ -95,7 +94,6 @@ pub(crate) struct DeviceSpec<'a> {
     pub rootfs: Option<(&'a Path, bool)>,
     pub net: Option<NetConfig>,
     pub agent_socket: Option<&'a Path>,
-    pub free_page_reporting: bool,
 }
 
 /// Devices as created, with the handles a snapshot needs.
@@ -105,7 +103,6 @@ pub(crate) struct Devices {
     subscribers: Vec<Subscriber>,
     pub parts: SavedParts,
     sockets: Vec<OwnedSocket>,
-    free_pages: FreePageDrops,
 }
 
 /// The devices whose state a snapshot saves, and which devices there are.
@@ -134,7 +131,6 @@ pub struct Vmm {
     parts: SavedParts,
     api: Option<UnixListener>,
     _sockets: Vec<OwnedSocket>,
-    free_pages: FreePageDrops,
 }
 
 impl Vmm {
@@ -160,7 +156,6 @@ impl Vmm {
                 .map(|path| (path, cfg.rootfs_read_only)),
             net: cfg.net.clone(),
             agent_socket: cfg.agent_socket.as_deref(),
-            free_page_reporting: true,
         };
         let (devices, infos) = create_devices(&vm, &spec, &exit, console)?;
         acpi::write_tables(&mem, cfg.cpus, &infos)?;
@@ -218,19 +213,12 @@ impl Vmm {
             parts: devices.parts,
             api,
             _sockets: sockets,
-            free_pages: devices.free_pages,
         })
     }
 
     /// What stops the VM from another thread.
     pub(crate) fn exit_signal(&self) -> Arc<ExitSignal> {
         self.ctx.exit.clone()
-    }
-
-    /// Whether the pages the guest reports free may be dropped (a VM without the balloon
-    /// reports none).
-    pub(crate) fn free_page_drops(&self) -> FreePageDrops {
-        self.free_pages.clone()
     }
 
     /// Whether the VM has a root disk.
@@ -318,7 +306,7 @@ impl Vmm {
 
 /// Creates the VM's devices in their initial state: the serial console, the
 /// power/reset registers, and the virtio devices in a fixed order (disk, network, agent
-/// channel, balloon), which a restore repeats. Returns them with the MMIO windows the DSDT describes.
+/// channel), which a restore repeats. Returns them with the MMIO windows the DSDT describes.
 pub(crate) fn create_devices(
     vm: &Vm,
     spec: &DeviceSpec,
@@ -377,12 +365,6 @@ pub(crate) fn create_devices(
             .map_err(io("cannot create virtio-console"))?;
         virtio.attach(Arc::new(Mutex::new(dev)))?;
     }
-    let free_pages = FreePageDrops::default();
-    if spec.free_page_reporting {
-        let dev = Balloon::new(free_pages.clone(), virtio.next_interrupt()?, mem.clone())
-            .map_err(io("cannot create virtio-balloon"))?;
-        virtio.attach(Arc::new(Mutex::new(dev)))?;
-    }
     let devices = SavedDevices {
         disk: spec.rootfs.map(|(_, read_only)| SavedDisk { read_only }),
         net: spec.net.as_ref().map(|n| SavedNet {
@@ -390,7 +372,6 @@ pub(crate) fn create_devices(
             tap: n.tap.clone(),
         }),
         agent: spec.agent_socket.is_some(),
-        free_page_reporting: spec.free_page_reporting,
     };
     let VirtioDevices {
         bus: mmio,
@@ -411,7 +392,6 @@ pub(crate) fn create_devices(
                 devices,
             },
             sockets,
-            free_pages,
         },
         infos,
     ))

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// Bumped whenever a frame's meaning changes; a peer with another version is refused.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 3;
 /// Larger frames mean a broken or hostile peer.
 const MAX_FRAME: usize = 64 << 20;
 

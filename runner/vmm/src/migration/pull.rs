@@ -8,7 +8,6 @@ use super::link::Link;
 use super::protocol::{Batch, Frame, Plan, Unit};
 use super::target::{block_bytes, check_unit, unexpected, ReceiveError};
 use super::{bit, set_bits, trimmed, DISK_BLOCK, PAGE};
-use crate::devices::virtio::balloon::FreePageDrops;
 use crate::devices::virtio::block::Arriving;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::GuestMemory;
@@ -333,8 +332,6 @@ pub(super) struct Postcopy {
     disk: Option<Arc<MissingDisk>>,
     /// Set once the VM exists: a post-copy that breaks stops it.
     exit: Mutex<Option<Arc<ExitSignal>>>,
-    /// The VM's free page drops, held until the copy is complete.
-    drops: Mutex<Option<FreePageDrops>>,
     stop: AtomicBool,
     started: Instant,
 }
@@ -366,7 +363,6 @@ impl Postcopy {
             memory: FaultingMemory::register(&vm.memory, &plan.memory, stale)?,
             disk,
             exit: Mutex::new(None),
-            drops: Mutex::new(None),
             stop: AtomicBool::new(false),
             started: Instant::now(),
         })
@@ -376,13 +372,9 @@ impl Postcopy {
         self.disk.clone()
     }
 
-    /// From now on a broken post-copy stops the VM through `exit`; until the copy is
-    /// complete, the pages its guest reports free are not dropped (`drops` held): a dropped
-    /// page would fault as missing.
-    pub fn watch(&self, exit: Arc<ExitSignal>, drops: FreePageDrops) {
-        drops.hold();
+    /// From now on a broken post-copy stops the VM through `exit`.
+    pub fn watch(&self, exit: Arc<ExitSignal>) {
         *self.exit.lock().unwrap() = Some(exit);
-        *self.drops.lock().unwrap() = Some(drops);
     }
 
     /// Ends the fault thread (the VM was not built or not committed).
@@ -469,9 +461,6 @@ impl Postcopy {
                 pull.send(&Frame::Complete)?;
                 pull.flush()?;
                 self.memory.unregister();
-                if let Some(drops) = &*self.drops.lock().unwrap() {
-                    drops.resume();
-                }
                 return Ok(pulled);
             }
             // SAFETY: `fds` is a valid array of pollfd of the given length.
@@ -578,7 +567,6 @@ mod tests {
             memory: FaultingMemory::register(&mem, &[plan], true).unwrap(),
             disk: None,
             exit: Mutex::new(None),
-            drops: Mutex::new(None),
             stop: AtomicBool::new(false),
             started: Instant::now(),
         });

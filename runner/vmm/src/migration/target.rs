@@ -118,7 +118,7 @@ impl Incoming {
         }
         if let Some(run) = &mut self.postcopy {
             let shared = run.shared.clone();
-            shared.watch(self.vmm.exit_signal(), self.vmm.free_page_drops());
+            shared.watch(self.vmm.exit_signal());
             if let (Some(block), Some(disk)) = (self.vmm.disk(), shared.disk()) {
                 block.lock().unwrap().fill_from(Some(disk));
             }
@@ -453,7 +453,6 @@ mod tests {
                 disk: Some(SavedDisk { read_only: false }),
                 net: None,
                 agent: false,
-                free_page_reporting: false,
             },
             vcpus: 1,
             cpuid: Vec::new(),
@@ -466,7 +465,7 @@ mod tests {
     #[test]
     fn a_bad_hello_is_refused_with_its_reason_before_anything_is_made() {
         let cases = [
-            (hello(VERSION - 1, 1), "protocol version 3"),
+            (hello(VERSION - 1, 1), "protocol version 2"),
             (hello(VERSION, 0), "0 streams"),
             (hello(VERSION, MAX_STREAMS + 1), "17 streams"),
         ];

@@ -1,9 +1,8 @@
 //! Virtio devices over the MMIO transport (virtio 1.x, "modern" only). [`mmio`] is the register
-//! interface the guest driver talks to; each device module (block, net, console, balloon)
-//! does the data path, driven from the VMM's event loop by queue notifications (ioeventfds).
+//! interface the guest driver talks to; each device module (block, net, console) does the
+//! data path, driven from the VMM's event loop by queue notifications (ioeventfds).
 
 pub mod attach;
-pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod mmio;
@@ -28,7 +27,6 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_CONSOLE: u32 = 3;
-pub const TYPE_BALLOON: u32 = 5;
 
 /// Device status bits (virtio 1.x, 2.1).
 pub const STATUS_ACKNOWLEDGE: u32 = 1;
