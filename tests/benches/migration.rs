@@ -132,8 +132,7 @@ fn qemu_tls(dir: &str, endpoint: &str) -> String {
 /// both hosts) when given.
 fn qemu_round(a: &TestHost, b: &TestHost, tls: Option<&str>, s: &mut Samples) -> Result<()> {
     let mut opts = guest(GuestVmm::Qemu, "bench-qemu");
-    let monitor = format!("-monitor tcp:{MONITOR},server,nowait");
-    opts.extra_vmm_args = vec![monitor.clone()];
+    opts.extra_vmm_args = vec![format!("-monitor tcp:{MONITOR},server,nowait")];
     let mut incoming = opts.clone();
     if let Some(dir) = tls {
         opts.extra_vmm_args.push(qemu_tls(dir, "client"));
