@@ -35,11 +35,7 @@ fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
     let len = src.metadata()?.len();
     dst.set_len(len)?;
     let mut buf = vec![0u8; CHUNK];
-    let mut pos = 0u64;
-    while pos < len {
-        let Some((start, end)) = next_data(src, pos, len)? else {
-            break;
-        };
+    for (start, end) in crate::extents::data_extents(src, 0, len)? {
         let mut at = start;
         while at < end {
             let n = ((end - at) as usize).min(CHUNK);
@@ -47,29 +43,8 @@ fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
             write_nonzero(dst, &buf[..n], at)?;
             at += n as u64;
         }
-        pos = end;
     }
     dst.sync_all()
-}
-
-/// The next data extent at or after `pos`, as `[start, end)`; `None` when only a hole is left.
-/// File systems without SEEK_DATA report the whole rest of the file as data.
-fn next_data(f: &File, pos: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
-    let fd = f.as_raw_fd();
-    // SAFETY: lseek on a descriptor we own; no memory is passed.
-    let start = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-    if start < 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some((pos, len))),
-            _ => Err(e),
-        };
-    }
-    // SAFETY: as above.
-    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-    let end = if end < 0 { len } else { (end as u64).min(len) };
-    Ok(Some((start as u64, end)))
 }
 
 /// Writes the non-zero blocks of `data` (which belongs at `offset`), coalescing runs.

@@ -15,6 +15,7 @@ pub mod devices;
 pub mod disk_copy;
 pub mod event_loop;
 mod exit;
+pub mod extents;
 pub mod layout;
 pub mod memory;
 pub mod migration;

@@ -4,6 +4,9 @@
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap, WithBitmapSlice};
 use vm_memory::mmap::{GuestRegionMmap, MmapRegionBuilder};
@@ -16,6 +19,7 @@ pub type GuestMemory = GuestMemoryMmap<RamBitmap>;
 /// size; an unaligned mapping (what a plain mmap gives) costs a nested page fault per 4 KiB
 /// the guest first touches instead of one per 2 MiB.
 const HUGE_PAGE: usize = 2 << 20;
+const PAGE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -59,15 +63,19 @@ pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
 /// Guest RAM whose regions are private mappings of `file` at the given offsets: pages are read
 /// from the file when the guest first touches them, and the guest's writes stay private.
 pub fn from_file(
-    file: &std::fs::File,
+    file: &File,
     regions: &[(GuestAddress, usize, u64)],
 ) -> Result<GuestMemory, MemoryError> {
-    use std::os::fd::AsRawFd;
+    // The mappings keep their own handle: which pages hold data is asked of the file later.
+    let file = Arc::new(file.try_clone().map_err(|source| MemoryError::Map {
+        size_mib: 0,
+        source,
+    })?);
     let mapped = regions
         .iter()
         .map(|&(base, len, offset)| {
             let backing = Backing::File {
-                fd: file.as_raw_fd(),
+                file: file.clone(),
                 offset,
             };
             let mapping = Mapping::new(len, backing).map_err(|source| MemoryError::Map {
@@ -86,7 +94,7 @@ fn assemble(regions: Vec<(GuestAddress, Mapping)>) -> Result<GuestMemory, Memory
         let (addr, len) = (mapping.addr, mapping.len);
         let bitmap = RamBitmap {
             dirty: AtomicBitmap::with_len(len),
-            _mapping: Arc::new(mapping),
+            mapping: Arc::new(mapping),
         };
         // SAFETY: `addr` is a live private mapping of exactly `len` bytes, and the region's
         // bitmap keeps it alive for as long as the region exists.
@@ -107,12 +115,12 @@ fn assemble(regions: Vec<(GuestAddress, Mapping)>) -> Result<GuestMemory, Memory
 }
 
 /// What a [`Mapping`] holds when created.
-#[derive(Clone, Copy)]
+#[derive(Debug)]
 enum Backing {
     /// Anonymous memory, zeroed, eligible for transparent huge pages.
     Zeroed,
     /// A private (copy-on-write) view of a file from `offset` on.
-    File { fd: i32, offset: u64 },
+    File { file: Arc<File>, offset: u64 },
 }
 
 /// One private mapping aligned to [`HUGE_PAGE`]; unmapped when dropped.
@@ -120,6 +128,7 @@ enum Backing {
 struct Mapping {
     addr: *mut u8,
     len: usize,
+    backing: Backing,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; access goes through vm-memory's
@@ -156,32 +165,76 @@ impl Mapping {
         let mapping = Mapping {
             addr: aligned as *mut u8,
             len,
+            backing,
         };
-        match backing {
+        match &mapping.backing {
             Backing::Zeroed => {
                 // SAFETY: advice on the range this value owns. Only advice: without
                 // transparent huge pages the guest still runs, on 4 KiB pages.
                 unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
             }
-            Backing::File { fd, offset } => {
+            Backing::File { file, offset } => {
                 // SAFETY: MAP_FIXED replaces exactly the range this value owns (so nothing
                 // else can be clobbered) with a private view of the caller's open file.
-                let file = unsafe {
+                let mapped = unsafe {
                     libc::mmap(
                         aligned as *mut libc::c_void,
                         len,
                         prot,
                         libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                        fd,
-                        offset as libc::off_t,
+                        file.as_raw_fd(),
+                        *offset as libc::off_t,
                     )
                 };
-                if file == libc::MAP_FAILED {
+                if mapped == libc::MAP_FAILED {
                     return Err(std::io::Error::last_os_error());
                 }
             }
         }
         Ok(mapping)
+    }
+
+    /// Which pages may hold something other than zeros: those this process holds (in memory
+    /// or swapped out) and, in a view of a file, those the file has data for. The file
+    /// matters for a restored guest: a page it has not touched since is only in the file,
+    /// maybe not even in the page cache, so residency alone (`mincore`) would miss it.
+    /// Where the kernel cannot tell, every page is named: slower, same result.
+    fn pages_in_use(&self) -> Vec<bool> {
+        let mut used = self
+            .held_pages()
+            .unwrap_or_else(|_| vec![true; self.len / PAGE]);
+        if let Backing::File { file, offset } = &self.backing {
+            let end = offset + self.len as u64;
+            let extents = crate::extents::data_extents(file, *offset, end);
+            let extents = extents.unwrap_or_else(|_| vec![(*offset, end)]);
+            for (data, hole) in extents {
+                let first = (data - offset) as usize / PAGE;
+                let last = ((hole - offset) as usize).div_ceil(PAGE);
+                used[first..last].fill(true);
+            }
+        }
+        used
+    }
+
+    /// The pages present or swapped out in this process, from /proc/self/pagemap (one
+    /// 64-bit entry per page: bit 63 present, bit 62 swapped).
+    fn held_pages(&self) -> std::io::Result<Vec<bool>> {
+        const HELD: u64 = 3 << 62;
+        const CHUNK: usize = 1 << 15;
+        let pagemap = File::open("/proc/self/pagemap")?;
+        let (first, pages) = (self.addr as usize / PAGE, self.len / PAGE);
+        let mut held = Vec::with_capacity(pages);
+        let mut entries = vec![0u8; CHUNK * 8];
+        for start in (0..pages).step_by(CHUNK) {
+            let entries = &mut entries[..CHUNK.min(pages - start) * 8];
+            pagemap.read_exact_at(entries, ((first + start) * 8) as u64)?;
+            held.extend(
+                entries
+                    .chunks_exact(8)
+                    .map(|e| u64::from_ne_bytes(e.try_into().expect("8-byte chunks")) & HELD != 0),
+            );
+        }
+        Ok(held)
     }
 }
 
@@ -199,7 +252,7 @@ impl Drop for Mapping {
 #[derive(Debug)]
 pub struct RamBitmap {
     dirty: AtomicBitmap,
-    _mapping: Arc<Mapping>,
+    mapping: Arc<Mapping>,
 }
 
 impl RamBitmap {
@@ -224,6 +277,15 @@ impl Bitmap for RamBitmap {
     fn slice_at(&self, offset: usize) -> <Self as WithBitmapSlice<'_>>::S {
         self.dirty.slice_at(offset)
     }
+}
+
+/// Which pages of `region` may hold something other than zeros, one flag per 4 KiB page;
+/// the others need not be read.
+pub fn pages_in_use(region: &GuestRegionMmap<RamBitmap>) -> Vec<bool> {
+    std::ops::Deref::deref(region)
+        .bitmap()
+        .mapping
+        .pages_in_use()
 }
 
 /// Hands every RAM region to KVM as its own slot; `flags` can ask for dirty logging.

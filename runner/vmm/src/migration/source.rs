@@ -20,7 +20,7 @@ use super::transport::{self, TlsFiles, TransportError};
 use super::{count_bits, set_bits, DISK_BLOCK, PAGE};
 use crate::devices::virtio::block::Block;
 use crate::persist::{self, Paused, PersistError};
-use crate::snapshot::memory::{layout, resident_pages, SnapshotMemoryError};
+use crate::snapshot::memory::{layout, SnapshotMemoryError};
 use crate::vm::{Vm, VmError};
 use kvm_bindings::kvm_cpuid_entry2;
 use serde::{Deserialize, Serialize};
@@ -283,13 +283,13 @@ fn precopy(
     summary: &mut MigrationSummary,
 ) -> Result<Plan, MigrationError> {
     let vm = src.parts.vm;
-    // Round 0: all the guest has touched; the target starts from zeros.
+    // Round 0: all the guest has touched and the disk's data; the target starts from zeros.
     let mut pending = Plan {
-        memory: resident(vm)?,
+        memory: in_use(vm),
         disk: tracking
             .disk
             .as_ref()
-            .map(|d| vec![u64::MAX; d.blocks().div_ceil(64)])
+            .map(|d| d.blocks_with_data())
             .unwrap_or_default(),
     };
     let mut convergence = Convergence::default();
@@ -440,18 +440,17 @@ fn handover(
     Ok(())
 }
 
-/// The pages of each region the guest has touched, as a bitmap.
-fn resident(vm: &Vm) -> Result<Vec<Vec<u64>>, MigrationError> {
+/// The pages of each region that may hold something other than zeros, as a bitmap.
+fn in_use(vm: &Vm) -> Vec<Vec<u64>> {
     vm.memory
         .iter()
         .map(|r| {
-            let pages = resident_pages(&vm.memory, r.start_addr(), r.len() as usize)
-                .map_err(PersistError::from)?;
+            let pages = crate::memory::pages_in_use(r);
             let mut words = vec![0u64; pages.len().div_ceil(64)];
             for (i, _) in pages.iter().enumerate().filter(|(_, r)| **r) {
                 words[i / 64] |= 1 << (i % 64);
             }
-            Ok(words)
+            words
         })
         .collect()
 }
@@ -664,6 +663,21 @@ impl<'a> TrackedDisk<'a> {
 
     fn blocks(&self) -> usize {
         self.size.div_ceil(DISK_BLOCK as u64) as usize
+    }
+
+    /// The blocks the image file holds data in, as a bitmap: holes read as zeros, which the
+    /// target has already, so a mostly empty disk costs what it holds, not its size.
+    fn blocks_with_data(&self) -> Vec<u64> {
+        let mut words = vec![0u64; self.blocks().div_ceil(64)];
+        let extents = crate::extents::data_extents(&self.file, 0, self.size)
+            .unwrap_or_else(|_| vec![(0, self.size)]);
+        for (from, to) in extents {
+            let block = DISK_BLOCK as u64;
+            for i in (from / block)..to.div_ceil(block) {
+                words[i as usize / 64] |= 1 << (i % 64);
+            }
+        }
+        words
     }
 }
 

@@ -62,12 +62,12 @@ pub fn save(mem: &GuestMemory, file: &File) -> Result<Saved, SnapshotMemoryError
     let mut stored = 0u64;
     file.set_len(0).map_err(SnapshotMemoryError::Write)?;
     for (region, placed) in mem.iter().zip(&layout.regions) {
-        let (len, offset) = (region.len(), placed.file_offset);
-        let resident = resident_pages(mem, region.start_addr(), len as usize)?;
+        let offset = placed.file_offset;
+        let in_use = memory::pages_in_use(region);
         let mut run: Vec<u8> = Vec::with_capacity(WRITE_RUN);
         let mut run_start = 0u64;
         let mut page = [0u8; PAGE];
-        for (index, _) in resident.iter().enumerate().filter(|(_, r)| **r) {
+        for (index, _) in in_use.iter().enumerate().filter(|(_, r)| **r) {
             let at = (index * PAGE) as u64;
             region
                 .read_slice(&mut page, MemoryRegionAddress(at))
@@ -123,30 +123,6 @@ fn write_run(file: &File, at: u64, data: &[u8]) -> Result<(), SnapshotMemoryErro
         .map_err(SnapshotMemoryError::Write)
 }
 
-/// Which pages of the region at `start` are in memory: the others were never touched (or
-/// were only read), so they hold zeros and need not be looked at.
-pub(crate) fn resident_pages(
-    mem: &GuestMemory,
-    start: GuestAddress,
-    len: usize,
-) -> Result<Vec<bool>, SnapshotMemoryError> {
-    let host = mem
-        .get_host_address(start)
-        .map_err(|source| SnapshotMemoryError::Read {
-            addr: start.0,
-            source,
-        })?;
-    let mut flags = vec![0u8; len.div_ceil(PAGE)];
-    // SAFETY: `host..host + len` is the region's own mapping, page aligned; mincore only
-    // writes one byte per page into `flags`, which is sized for that.
-    let rc = unsafe { libc::mincore(host.cast(), len, flags.as_mut_ptr()) };
-    if rc != 0 {
-        // Without residency information every page is looked at: slower, same result.
-        return Ok(vec![true; flags.len()]);
-    }
-    Ok(flags.iter().map(|f| f & 1 == 1).collect())
-}
-
 /// Maps guest memory back from a memory file written by [`save`], lazily.
 pub fn restore(file: &File, layout: &MemoryLayout) -> Result<GuestMemory, SnapshotMemoryError> {
     let found = file.metadata().map_err(SnapshotMemoryError::Write)?.len();
@@ -179,6 +155,7 @@ pub fn restore(file: &File, layout: &MemoryLayout) -> Result<GuestMemory, Snapsh
 mod tests {
     use super::*;
     use crate::layout::MMIO_GAP_END;
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
 
     #[test]
@@ -226,6 +203,36 @@ mod tests {
                 .unwrap(),
             0x33
         );
+    }
+
+    #[test]
+    fn a_snapshot_of_a_restored_guest_keeps_pages_only_in_the_old_file() {
+        let mem = memory::create(8 << 20).unwrap();
+        let marks = [
+            (GuestAddress(0x3000), 0x44u8),
+            (GuestAddress(0x50_0000), 0x55),
+        ];
+        for (addr, v) in marks {
+            mem.write_slice(&[v; 64], addr).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let first = File::create_new(dir.path().join("first")).unwrap();
+        let saved = save(&mem, &first).unwrap();
+        let restored = restore(&first, &saved.layout).unwrap();
+        // The restored guest writes one page of its own and leaves the marked ones alone,
+        // which then leave the host's page cache (as under memory pressure).
+        restored.write_obj(0x66u8, GuestAddress(0x7000)).unwrap();
+        // SAFETY: advice on an open file's page cache; no memory of this process is touched.
+        let rc = unsafe { libc::posix_fadvise(first.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+
+        let second = File::create_new(dir.path().join("second")).unwrap();
+        let again = save(&restored, &second).unwrap();
+        assert_eq!(again.stored, 3 * PAGE as u64);
+        let back = restore(&second, &again.layout).unwrap();
+        for (addr, v) in marks.into_iter().chain([(GuestAddress(0x7000), 0x66)]) {
+            assert_eq!(back.read_obj::<u8>(addr).unwrap(), v, "at {addr:?}");
+        }
     }
 
     #[test]
