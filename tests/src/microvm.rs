@@ -441,10 +441,14 @@ while kill -0 $pid 2>/dev/null; do n=$((n+1)); [ $n -lt {tries} ] || exit 2; sle
     }
 
     /// Kills the guest's VMM.
+    /// Kills the VMM and waits (up to 10 s) until its launcher wrote the exit status: a
+    /// status written later would land in whatever next uses the directory.
     pub fn kill(&self, host: &TestHost) -> Result<(), HarnessError> {
         host.sh(&format!(
-            "kill -9 $(cat {}/vmm.pid) 2>/dev/null; true",
-            self.dir
+            "[ -s {dir}/vmm.pid ] || exit 0
+kill -9 $(cat {dir}/vmm.pid) 2>/dev/null
+for i in $(seq 200); do [ -e {dir}/exit_status ] && exit 0; sleep 0.05; done",
+            dir = self.dir
         ))
         .map(drop)
     }
