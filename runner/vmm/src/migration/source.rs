@@ -26,8 +26,8 @@ use kvm_bindings::kvm_cpuid_entry2;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -728,7 +728,11 @@ impl Drop for Tracking<'_> {
 struct Throttle {
     percent: AtomicU8,
     max: AtomicU8,
-    done: AtomicBool,
+    /// Set by [`Throttle::stop`], which also wakes the thread: the pause must follow the
+    /// last round at once, not after the rest of a throttle period (the guest writes on
+    /// meanwhile, and all of that falls into the pause).
+    done: Mutex<bool>,
+    wake: Condvar,
 }
 
 impl Throttle {
@@ -746,19 +750,29 @@ impl Throttle {
     }
 
     fn stop(&self) {
-        self.done.store(true, Ordering::Relaxed);
+        *self.done.lock().unwrap() = true;
+        self.wake.notify_all();
     }
 
     fn run(&self, control: &dyn Pausable) {
-        while !self.done.load(Ordering::Relaxed) {
+        let mut done = self.done.lock().unwrap();
+        while !*done {
             let held = self.percent.load(Ordering::Relaxed) as u64 * THROTTLE_PERIOD_MS / 100;
             if held > 0 {
                 control.pause();
-                std::thread::sleep(Duration::from_millis(held));
+                done = self.sleep(done, held);
                 control.resume();
             }
-            std::thread::sleep(Duration::from_millis(THROTTLE_PERIOD_MS - held));
+            done = self.sleep(done, THROTTLE_PERIOD_MS - held);
         }
+    }
+
+    /// Sleeps `ms`, or less if stopped meanwhile.
+    fn sleep<'a>(&self, done: MutexGuard<'a, bool>, ms: u64) -> MutexGuard<'a, bool> {
+        let wait = self
+            .wake
+            .wait_timeout_while(done, Duration::from_millis(ms), |done| !*done);
+        wait.unwrap().0
     }
 }
 
@@ -804,5 +818,41 @@ mod tests {
             .collect();
         assert_eq!(held, [20, 30, 40, 50, 60, 70, 80, 90, 95, 95]);
         assert_eq!(throttle.max.load(Ordering::Relaxed), 95);
+    }
+
+    /// Stopping the throttle ends its hold and its period at once, with the guest resumed.
+    #[test]
+    fn a_stopped_throttle_lets_go_at_once() {
+        #[derive(Default)]
+        struct Held(std::sync::atomic::AtomicI32);
+        impl Pausable for Held {
+            fn pause(&self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+            fn resume(&self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+            fn is_exiting(&self) -> bool {
+                false
+            }
+        }
+        let (throttle, guest) = (Throttle::default(), Held::default());
+        for _ in 0..9 {
+            throttle.tighten();
+        }
+        let took = std::thread::scope(|s| {
+            let running = s.spawn(|| throttle.run(&guest));
+            // Inside a 95 ms hold.
+            while guest.0.load(Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            let stopped = Instant::now();
+            throttle.stop();
+            running.join().unwrap();
+            stopped.elapsed()
+        });
+        // Waiting out the hold would take about 95 ms.
+        assert!(took < Duration::from_millis(50), "{took:?}");
+        assert_eq!(guest.0.load(Ordering::SeqCst), 0, "the guest runs again");
     }
 }
