@@ -68,7 +68,7 @@ pub fn from_file(
 ) -> Result<GuestMemory, MemoryError> {
     // The mappings keep their own handle: which pages hold data is asked of the file later.
     let file = Arc::new(file.try_clone().map_err(|source| MemoryError::Map {
-        size_mib: 0,
+        size_mib: regions.iter().map(|r| r.1 as u64).sum::<u64>() >> 20,
         source,
     })?);
     let mapped = regions
