@@ -440,8 +440,7 @@ while kill -0 $pid 2>/dev/null; do n=$((n+1)); [ $n -lt {tries} ] || exit 2; sle
         }
     }
 
-    /// Kills the guest's VMM.
-    /// Kills the VMM and waits (up to 10 s) until its launcher wrote the exit status: a
+    /// Kills the guest's VMM and waits (up to 10 s) until its launcher wrote the exit status: a
     /// status written later would land in whatever next uses the directory.
     pub fn kill(&self, host: &TestHost) -> Result<(), HarnessError> {
         host.sh(&format!(

@@ -40,6 +40,11 @@ pub(crate) fn bit(words: &[u64], i: usize) -> bool {
     words.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
 
+/// Sets bit `i` of a bitmap, which must be long enough to hold it.
+pub(crate) fn set_bit(words: &mut [u64], i: usize) {
+    words[i / 64] |= 1 << (i % 64);
+}
+
 /// `words` as a bitmap of exactly `bits` bits: missing words are zero, bits past the end are
 /// cleared.
 pub(crate) fn trimmed(words: &[u64], bits: usize) -> Vec<u64> {

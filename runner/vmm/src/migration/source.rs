@@ -17,7 +17,7 @@ use super::link::{Link, LinkError};
 use super::protocol::{Batch, Frame, Hello, Plan, Unit, VERSION};
 use super::serve::{self, Holdings};
 use super::transport::{self, TlsFiles, TransportError};
-use super::{count_bits, set_bits, DISK_BLOCK, PAGE};
+use super::{count_bits, set_bit, set_bits, DISK_BLOCK, PAGE};
 use crate::devices::virtio::block::Block;
 use crate::persist::{self, Paused, PersistError};
 use crate::snapshot::memory::{layout, SnapshotMemoryError};
@@ -448,7 +448,7 @@ fn in_use(vm: &Vm) -> Vec<Vec<u64>> {
             let pages = crate::memory::pages_in_use(r);
             let mut words = vec![0u64; pages.len().div_ceil(64)];
             for (i, _) in pages.iter().enumerate().filter(|(_, r)| **r) {
-                words[i / 64] |= 1 << (i % 64);
+                set_bit(&mut words, i);
             }
             words
         })
@@ -674,7 +674,7 @@ impl<'a> TrackedDisk<'a> {
         for (from, to) in extents {
             let block = DISK_BLOCK as u64;
             for i in (from / block)..to.div_ceil(block) {
-                words[i as usize / 64] |= 1 << (i % 64);
+                set_bit(&mut words, i as usize);
             }
         }
         words
