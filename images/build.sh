@@ -18,6 +18,9 @@ note() { printf '    %s\n' "$*"; }
 # The virtio drivers a guest needs, by module name (dependencies are added).
 GUEST_MODULES=(virtio_mmio virtio_blk virtio_net virtio_console vmw_vsock_virtio_transport)
 ROOTFS_SIZE=${ROOTFS_SIZE:-64M}
+# Where the cloud kernel comes from, and the series it must be.
+KERNEL_SUITE=bookworm-backports
+KERNEL_SERIES=6.12
 AGENT=$repo/target/static/x86_64-unknown-linux-gnu/release/hopper-agent
 WORKLOAD=$repo/target/static/x86_64-unknown-linux-gnu/release/hopper-workload
 BUSYBOX=$(command -v busybox) || { echo "busybox missing: run tests/setup.sh" >&2; exit 1; }
@@ -31,13 +34,23 @@ up_to_date() {
 	[ -z "$(find "$@" -newer "$target" -print -quit)" ]
 }
 
-step "Guest kernel (Debian cloud)"
-meta=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
+step "Guest kernel (Debian cloud, $KERNEL_SUITE)"
+# The kernel comes from $KERNEL_SUITE (tests/setup.sh adds it as an apt source), and must be
+# of the $KERNEL_SERIES series: guests and test hosts were measured with it (tests/README.md).
+resolve_kernel() {
+	apt-cache depends -t "$KERNEL_SUITE" linux-image-cloud-amd64 2>/dev/null |
+		awk '/Depends: linux-image-/{print $2; exit}'
+}
+meta=$(resolve_kernel)
 if [ -z "$meta" ]; then
 	apt-get update -qq
-	meta=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+	meta=$(resolve_kernel)
 fi
-[ -n "$meta" ] || { echo "cannot resolve linux-image-cloud-amd64 from apt" >&2; exit 1; }
+[ -n "$meta" ] || { echo "cannot resolve linux-image-cloud-amd64 from $KERNEL_SUITE (run tests/setup.sh)" >&2; exit 1; }
+case $meta in
+linux-image-"$KERNEL_SERIES".*) ;;
+*) echo "$KERNEL_SUITE offers $meta, not a $KERNEL_SERIES kernel: update KERNEL_SERIES in images/build.sh after testing it (tests/README.md)" >&2; exit 1 ;;
+esac
 if [ "$(cat "$cache/kernel/package" 2>/dev/null)" = "$meta" ]; then
 	note "$meta (cached)"
 else
@@ -49,6 +62,8 @@ else
 	dpkg-deb -x "$cache/kernel.new"/deb/*.deb "$cache/kernel.new/root"
 	rm -rf "$cache/kernel.new/deb"
 	release=$(ls "$cache/kernel.new/root/lib/modules")
+	# Debian ships the modules xz-compressed; busybox's insmod loads plain ones.
+	find "$cache/kernel.new/root/lib/modules" -name '*.ko.xz' -exec xz -d {} +
 	# The package ships no modules.dep (the installer makes it); the harness and this
 	# script need it to load modules in dependency order.
 	depmod -b "$cache/kernel.new/root" "$release"

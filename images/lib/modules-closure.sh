@@ -2,7 +2,8 @@
 # Prints the kernel modules to insmod, in load order, for the named modules and everything
 # they depend on: one path relative to MODDIR per line, dependencies first.
 # Usage: modules-closure.sh MODDIR NAME...   (MODDIR holds modules.dep, made by depmod)
-# Names may use '-' or '_' interchangeably, as modprobe allows.
+# Names may use '-' or '_' interchangeably, as modprobe allows. A module built into the kernel
+# (modules.builtin) needs no loading and is left out.
 set -euo pipefail
 moddir=$1; shift
 [ -f "$moddir/modules.dep" ] || { echo "modules-closure: $moddir/modules.dep missing (run depmod)" >&2; exit 1; }
@@ -11,12 +12,14 @@ awk -v want="$*" '
   # Depth-first: every dependency is printed before the module that needs it, once.
   function visit(name,   n, parts, i) {
     if (name in done) return
+    if (name in builtin) return
     if (!(name in path)) { printf "modules-closure: no module %s\n", name > "/dev/stderr"; failed = 1; return }
     done[name] = 1
     n = split(deps[name], parts, " ")
     for (i = n; i >= 1; i--) visit(norm(parts[i]))
     print path[name]
   }
+  FILENAME ~ /modules\.builtin$/ { builtin[norm($1)] = 1; next }
   {
     file = $1; sub(/:$/, "", file)
     name = norm(file)
@@ -29,4 +32,4 @@ awk -v want="$*" '
     for (i = 1; i <= n; i++) { w = names[i]; gsub(/-/, "_", w); visit(w) }
     exit failed
   }
-' "$moddir/modules.dep"
+' "$moddir/modules.builtin" "$moddir/modules.dep"

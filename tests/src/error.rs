@@ -55,6 +55,15 @@ pub enum HarnessError {
 }
 
 impl HarnessError {
+    /// The test host, not what ran in it, failed: it stopped answering, its QEMU died, or it
+    /// never finished booting.
+    pub fn is_breakdown(&self) -> bool {
+        matches!(
+            self,
+            HarnessError::HostBroke { .. } | HarnessError::BootTimeout { .. }
+        )
+    }
+
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let what = what.into();
         move |source| HarnessError::Io { what, source }

@@ -65,10 +65,7 @@ pub(crate) fn l1_initramfs(
         libs.extend(shared_libraries(p)?);
     }
     let busybox = which("busybox")?;
-    let firmware: Vec<PathBuf> = QEMU_FIRMWARE
-        .iter()
-        .map(|f| Path::new("/usr/share/qemu").join(f))
-        .collect();
+    let firmware = qemu_firmware()?;
     let module_paths = module_closure(guest, modules)?;
     let images: Vec<PathBuf> = ["vmlinuz", "initramfs.cpio.gz", "rootfs.ext4"]
         .iter()
@@ -156,6 +153,23 @@ pub(crate) fn l1_initramfs(
         }
     }
     Ok(out)
+}
+
+/// The firmware files, where this machine's QEMU finds them (`-L help` lists its search path:
+/// Debian's QEMU 10 takes bios-microvm.bin from the seabios package's directory). They keep
+/// their paths in the test host, whose QEMU has the same search path.
+fn qemu_firmware() -> Result<Vec<PathBuf>, HarnessError> {
+    let search = run(Command::new("qemu-system-x86_64").args(["-L", "help"]))?;
+    QEMU_FIRMWARE
+        .iter()
+        .map(|f| {
+            search
+                .lines()
+                .map(|dir| Path::new(dir.trim()).join(f))
+                .find(|p| p.is_file())
+                .ok_or_else(|| HarnessError::MissingCache(Path::new("/usr/share/qemu").join(f)))
+        })
+        .collect()
 }
 
 fn module_closure(guest: &GuestArtifacts, modules: &[String]) -> Result<Vec<String>, HarnessError> {

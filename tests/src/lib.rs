@@ -12,6 +12,7 @@ mod monitor;
 mod paths;
 mod retry;
 pub mod scheduler;
+pub mod soak;
 mod testhost;
 pub mod tls;
 pub mod workload;

@@ -41,6 +41,9 @@ pub struct TestHostOptions {
     pub boot_timeout: Duration,
     /// Limit for each command run through the agent.
     pub exec_timeout: Duration,
+    /// Print every command run through `exec` (with its status and duration) on stdout, where
+    /// a failing test shows them; off for tools that print their own summary.
+    pub trace: bool,
 }
 
 impl Default for TestHostOptions {
@@ -57,6 +60,7 @@ impl Default for TestHostOptions {
             extra_modules: Vec::new(),
             boot_timeout: Duration::from_secs(180),
             exec_timeout: Duration::from_secs(300),
+            trace: true,
         }
     }
 }
@@ -71,6 +75,7 @@ pub struct TestHost {
     /// half a reply.
     agent: Mutex<Option<AgentClient<TcpStream>>>,
     exec_timeout: Duration,
+    trace: bool,
     /// Set when this host produced an error: its logs are then kept for the post-mortem.
     failed: AtomicBool,
     /// Set by [`TestHost::kill`]: QEMU exiting after it is expected, before it a breakdown.
@@ -192,6 +197,7 @@ impl TestHost {
             forwards,
             agent: Mutex::new(None),
             exec_timeout: opts.exec_timeout,
+            trace: opts.trace,
             failed: AtomicBool::new(false),
             killed: AtomicBool::new(false),
         })
@@ -274,6 +280,9 @@ impl TestHost {
 
     /// Runs a command with environment, working directory or input.
     pub fn exec_with(&self, cmd: &Exec) -> Result<ExecOutput, HarnessError> {
+        if !self.trace {
+            return self.exec_quiet(cmd);
+        }
         // Shown by the test runner when a test fails: which command hung or failed, and when.
         let shown: String = cmd.argv().join(" ").chars().take(160).collect();
         println!("[{}] $ {shown}", self.name);

@@ -250,6 +250,14 @@ const FEATURE_NAMES: &[((u32, u32), usize, u32, &str)] = &[
 
 const REGISTERS: [&str; 4] = ["eax", "ebx", "ecx", "edx"];
 
+/// Bits that mirror the guest's own control registers, not the CPU: KVM sets them in a vCPU's
+/// CPUID once the guest turns the feature on (Linux 6.12 does so for OSXSAVE; a fresh vCPU
+/// has them clear). Never a reason to refuse a snapshot.
+const GUEST_STATE_BITS: [((u32, u32), usize, u32); 2] = [
+    ((0x1, 0), 2, 27), // osxsave: CR4.OSXSAVE
+    ((0x7, 0), 2, 4),  // ospke: CR4.PKE
+];
+
 /// Checks that every feature the snapshot's vCPU had is offered by `host` (this host's CPUID
 /// for a fresh vCPU of the same id and count), before anything is restored. The error names
 /// each missing feature.
@@ -267,7 +275,11 @@ pub fn check_cpu(host: &CpuId, saved: &[kvm_cpuid_entry2]) -> Result<(), Persist
         let registers = if leaf.0 == 0x8000_0008 { 1..2 } else { 0..4 };
         let (want, have) = (find(saved, leaf), find(host.as_slice(), leaf));
         for r in registers {
-            let lacking = want[r] & !have[r];
+            let guest_state = GUEST_STATE_BITS
+                .iter()
+                .filter(|(l, reg, _)| *l == leaf && *reg == r)
+                .fold(0, |mask, (.., bit)| mask | 1 << bit);
+            let lacking = want[r] & !have[r] & !guest_state;
             for bit in (0..32).filter(|b| lacking & (1 << b) != 0) {
                 let place = format!("leaf {:#x}.{} {} bit {bit}", leaf.0, leaf.1, REGISTERS[r]);
                 missing.push(
@@ -313,5 +325,13 @@ mod tests {
             "this host's CPU lacks features the snapshot's guest uses: \
              leaf 0x7.0 ebx bit 1, avx512f (leaf 0x7.0 ebx bit 16)"
         );
+    }
+
+    #[test]
+    fn bits_the_guest_set_itself_are_not_missing_features() {
+        let host = CpuId::from_entries(&[leaf(1, 0, 0, 0), leaf(7, 0, 0, 0)]).unwrap();
+        // OSXSAVE and OSPKE: set in a running guest's CPUID, clear in a fresh vCPU's.
+        assert!(check_cpu(&host, &[leaf(1, 0, 0, 1 << 27), leaf(7, 0, 0, 1 << 4)]).is_ok());
+        assert!(check_cpu(&host, &[leaf(1, 0, 0, 1 << 26)]).is_err());
     }
 }

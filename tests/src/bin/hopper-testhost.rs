@@ -3,6 +3,9 @@
 //! starts `hopper-runner host` in it against a scheduler on this machine and streams the
 //! runner's log to stdout until it is stopped; then the test host goes, and with it everything
 //! the runner started. `hopper-scheduler up` starts it; progress lines go to stderr.
+//!
+//! `hopper-testhost soak`: test-host sessions in a row with the nested tests' workloads, to
+//! measure how often a test host breaks down (tests/README.md).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -13,7 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use hopper_tests::scheduler::HOST_GATEWAY;
-use hopper_tests::{Exec, TestHost, TestHostOptions};
+use hopper_tests::soak::{self, SoakOptions};
+use hopper_tests::{Exec, GuestArtifacts, TestHost, TestHostOptions};
 
 /// Paths inside the test host.
 const SECRET: &str = "/etc/hopper-enroll-secret";
@@ -43,6 +47,27 @@ enum Command {
     /// stream the runner's log to stdout until SIGTERM or Ctrl-C (or, with
     /// --until-stdin-closes, the end of standard input).
     Run(RunArgs),
+    /// Boot test-host sessions in a row, each running guests under both VMMs, snapshots and
+    /// migrations, and count the sessions in which the test host broke down. One line per
+    /// session on stdout, then `soak: N sessions, K breakdowns`; exits non-zero if any session
+    /// broke down or failed.
+    Soak(SoakArgs),
+}
+
+#[derive(Args)]
+struct SoakArgs {
+    /// How many test-host sessions to run, one after the other.
+    #[arg(long, default_value_t = 10)]
+    sessions: u32,
+    /// vCPUs of each test host.
+    #[arg(long, default_value_t = TestHostOptions::default().cpus)]
+    host_cpus: u32,
+    /// Snapshot/restore cycles in each session.
+    #[arg(long, default_value_t = SoakOptions::default().snapshot_cycles)]
+    snapshot_cycles: usize,
+    /// Seconds a command in the test host may take before the host counts as broken down.
+    #[arg(long, default_value_t = SoakOptions::default().exec_timeout.as_secs())]
+    exec_timeout: u64,
 }
 
 #[derive(Args)]
@@ -87,7 +112,65 @@ fn say(text: impl std::fmt::Display) {
 }
 
 fn main() -> anyhow::Result<()> {
-    let Command::Run(args) = Cli::parse().command;
+    match Cli::parse().command {
+        Command::Run(args) => run(args),
+        Command::Soak(args) => soak(args),
+    }
+}
+
+fn soak(args: SoakArgs) -> anyhow::Result<()> {
+    let opts = SoakOptions {
+        host_cpus: args.host_cpus,
+        snapshot_cycles: args.snapshot_cycles,
+        exec_timeout: Duration::from_secs(args.exec_timeout),
+    };
+    let stop = stop_flag(false)?;
+    say("preparing the test host image and the workload's undisturbed run");
+    TestHost::prepare(&TestHostOptions::default())?;
+    let expected = soak::soak_workload()?;
+    let emulator = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .context("running qemu-system-x86_64 --version (run tests/setup.sh)")?;
+    let emulator = String::from_utf8_lossy(&emulator.stdout);
+    println!(
+        "soak: {}, test-host kernel {}, {} vCPU(s) per test host",
+        emulator
+            .lines()
+            .next()
+            .unwrap_or("qemu-system-x86_64 (no version)"),
+        GuestArtifacts::locate()?.release,
+        opts.host_cpus
+    );
+    let (mut ran, mut breakdowns, mut failures) = (0, 0, 0);
+    for n in 1..=args.sessions {
+        if stop.load(Ordering::Relaxed) {
+            say("stopped");
+            break;
+        }
+        let session = soak::session(&format!("soak{n}"), &opts, &expected);
+        ran += 1;
+        match session.outcome {
+            soak::Outcome::Passed => {}
+            soak::Outcome::BrokeDown { .. } => breakdowns += 1,
+            soak::Outcome::Failed { .. } => failures += 1,
+        }
+        println!("session {n}/{}: {session}", args.sessions);
+        // The whole error (logs kept under .cache/testhost/run) for the post-mortem.
+        if let soak::Outcome::BrokeDown { error, .. } | soak::Outcome::Failed { error, .. } =
+            &session.outcome
+        {
+            eprintln!("{error}");
+        }
+    }
+    println!("soak: {ran} sessions, {breakdowns} breakdowns, {failures} other failures");
+    if breakdowns + failures > 0 {
+        bail!("{breakdowns} breakdowns and {failures} other failures in {ran} sessions");
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
     let stop = stop_flag(args.until_stdin_closes)?;
     let secret = std::fs::read(&args.enroll_secret_file).with_context(|| {
         format!(
