@@ -11,8 +11,7 @@
 use anyhow::{ensure, Context, Result};
 use hopper_tests::workload::{guest_progress, received, start_receiver};
 use hopper_tests::{
-    boot_guest, restore_guest, Expected, GuestVmm, MicrovmGuest, MicrovmOptions, TestHost,
-    TestHostOptions, Workload,
+    boot_guest, restore_guest, Expected, GuestVmm, MicrovmGuest, MicrovmOptions, TestHost, Workload,
 };
 use hopper_vmm::persist::MachineState;
 use hopper_vmm::snapshot::format;
@@ -80,12 +79,7 @@ fn snapshots_restore_in_a_new_process_and_the_guest_goes_on() -> Result<()> {
 
 fn snapshots_restore_in_a_new_process_and_the_guest_goes_on_run() -> Result<()> {
     let expected = WORKLOAD.expected()?;
-    // Two CPUs: with one, the guest's two busy vCPUs left the test host's own agent starved
-    // at times (the harness's requests went unanswered for minutes).
-    let host = TestHost::boot(TestHostOptions {
-        cpus: 2,
-        ..Default::default()
-    })?;
+    let host = TestHost::boot(Default::default())?;
     let mut vm = boot_guest(
         &host,
         &MicrovmOptions {

@@ -9,8 +9,8 @@
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -47,7 +47,7 @@ enum Command {
     /// stream the runner's log to stdout until SIGTERM or Ctrl-C (or, with
     /// --until-stdin-closes, the end of standard input).
     Run(RunArgs),
-    /// Boot test-host sessions in a row, each running guests under both VMMs, snapshots and
+    /// Boot test-host sessions in a row (or a few at a time), each running guests under both VMMs, snapshots and
     /// migrations, and count the sessions in which the test host broke down. One line per
     /// session on stdout, then `soak: N sessions, K breakdowns`; exits non-zero if any session
     /// broke down or failed.
@@ -68,6 +68,27 @@ struct SoakArgs {
     /// Seconds a command in the test host may take before the host counts as broken down.
     #[arg(long, default_value_t = SoakOptions::default().exec_timeout.as_secs())]
     exec_timeout: u64,
+    /// Sessions to run at once (each on its own test host).
+    #[arg(long, default_value_t = 1)]
+    parallel: u32,
+}
+
+#[derive(Default)]
+struct Tally {
+    ran: u32,
+    breakdowns: u32,
+    failures: u32,
+}
+
+impl Tally {
+    fn count(&mut self, outcome: &soak::Outcome) {
+        self.ran += 1;
+        match outcome {
+            soak::Outcome::Passed => {}
+            soak::Outcome::BrokeDown { .. } => self.breakdowns += 1,
+            soak::Outcome::Failed { .. } => self.failures += 1,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -142,27 +163,37 @@ fn soak(args: SoakArgs) -> anyhow::Result<()> {
         GuestArtifacts::locate()?.release,
         opts.host_cpus
     );
-    let (mut ran, mut breakdowns, mut failures) = (0, 0, 0);
-    for n in 1..=args.sessions {
-        if stop.load(Ordering::Relaxed) {
-            say("stopped");
-            break;
+    // Sessions are numbered in the order they start; lines come in the order they end.
+    let next = AtomicU32::new(1);
+    let tally = Mutex::new(Tally::default());
+    std::thread::scope(|s| {
+        for _ in 0..args.parallel.max(1) {
+            s.spawn(|| loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n > args.sessions || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let session = soak::session(&format!("soak{n}"), &opts, &expected);
+                let mut tally = tally.lock().unwrap_or_else(|e| e.into_inner());
+                tally.count(&session.outcome);
+                println!("session {n}/{}: {session}", args.sessions);
+                // The whole error (logs kept under .cache/testhost/run) for the post-mortem.
+                if let soak::Outcome::BrokeDown { error, .. }
+                | soak::Outcome::Failed { error, .. } = &session.outcome
+                {
+                    eprintln!("{error}");
+                }
+            });
         }
-        let session = soak::session(&format!("soak{n}"), &opts, &expected);
-        ran += 1;
-        match session.outcome {
-            soak::Outcome::Passed => {}
-            soak::Outcome::BrokeDown { .. } => breakdowns += 1,
-            soak::Outcome::Failed { .. } => failures += 1,
-        }
-        println!("session {n}/{}: {session}", args.sessions);
-        // The whole error (logs kept under .cache/testhost/run) for the post-mortem.
-        if let soak::Outcome::BrokeDown { error, .. } | soak::Outcome::Failed { error, .. } =
-            &session.outcome
-        {
-            eprintln!("{error}");
-        }
+    });
+    if stop.load(Ordering::Relaxed) {
+        say("stopped");
     }
+    let Tally {
+        ran,
+        breakdowns,
+        failures,
+    } = tally.into_inner().unwrap_or_else(|e| e.into_inner());
     println!("soak: {ran} sessions, {breakdowns} breakdowns, {failures} other failures");
     if breakdowns + failures > 0 {
         bail!("{breakdowns} breakdowns and {failures} other failures in {ran} sessions");
