@@ -24,8 +24,8 @@ pub enum HarnessError {
         console: String,
     },
     /// The test host itself stopped working under the test: its agent did not answer in
-    /// time, or its QEMU exited unasked. QEMU 7.2's emulation of nested SVM does this now and
-    /// then, whatever runs inside (tests/README.md); see [`crate::again_if_a_host_broke`].
+    /// time, or its QEMU exited unasked (QEMU 7.2's emulation of nested SVM did, now and
+    /// then, whatever ran inside: tests/README.md); see [`crate::again_if_a_host_broke`].
     #[error("test host {host} broke down: {what}\n--- console (last lines) ---\n{console}")]
     HostBroke {
         host: String,

@@ -20,7 +20,10 @@ use crate::HarnessError;
 pub const HOST_GATEWAY: &str = "10.0.2.2";
 
 /// Builds the release scheduler binary (incremental: cheap when nothing changed) in the same
-/// target directory as the running tests and returns its path.
+/// target directory as the running tests and returns its path. It is built as the test run
+/// builds the workspace (`cargo test --no-run --workspace`: the same features, so the same
+/// artefacts), not alone with `-p`: features resolved for one package differ, and under
+/// tests/run.sh that rebuilt the scheduler and half its dependencies (4–5 minutes on 2 cores).
 pub fn scheduler_binary() -> Result<PathBuf, HarnessError> {
     static BUILD: Mutex<()> = Mutex::new(());
     let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
@@ -28,12 +31,12 @@ pub fn scheduler_binary() -> Result<PathBuf, HarnessError> {
     let repo = repo_root();
     let out = Command::new(cargo)
         .current_dir(&repo)
-        .args(["build", "--release", "--quiet", "-p", "hopper-scheduler"])
+        .args(["test", "--no-run", "--release", "--quiet", "--workspace"])
         .output()
         .map_err(HarnessError::io("running cargo"))?;
     if !out.status.success() {
         return Err(HarnessError::Command {
-            command: "cargo build --release -p hopper-scheduler".into(),
+            command: "cargo test --no-run --release --workspace".into(),
             status: out.status.to_string(),
             output: String::from_utf8_lossy(&out.stderr).into_owned(),
         });

@@ -31,7 +31,7 @@ pub struct TestHostOptions {
     /// when `None`.
     pub name: Option<String>,
     pub memory_mib: u32,
-    /// vCPUs of the test host; more than one makes it unreliable (see `Default`).
+    /// vCPUs of the test host; more than one makes its guests unreliable (see `Default`).
     pub cpus: u32,
     /// Guest TCP ports to reach from the machine running the test (each gets a free port on
     /// 127.0.0.1; see [`TestHost::forwarded_port`]).
@@ -51,10 +51,9 @@ impl Default for TestHostOptions {
         Self {
             name: None,
             memory_mib: 2048,
-            // One vCPU: with two, QEMU 7.2's emulation of nested SVM now and then corrupts the
-            // test host kernel's GS base (it dies in a page-fault loop, under QEMU's VMM as
-            // under Hopper's) and triple-faults guest vCPUs; one vCPU ran clean
-            // (tests/README.md has the figures).
+            // One vCPU: with two, QEMU's multi-threaded emulation of nested SVM now and then
+            // breaks guests (7.2 corrupted the test host too; 10.0 still lost 2 guests in 10
+            // soak sessions); one vCPU ran clean (tests/README.md has the figures).
             cpus: 1,
             forwards: Vec::new(),
             extra_modules: Vec::new(),

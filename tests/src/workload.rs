@@ -125,6 +125,12 @@ impl Workload {
         Ok(())
     }
 
+    /// Ends the workload's pacing in `vm` (SIGUSR1): the rest of the run, whose output is the
+    /// same, goes at full speed. For tests whose disturbances are over.
+    pub fn hurry(&self, host: &TestHost, vm: &MicrovmGuest) -> Result<(), HarnessError> {
+        vm.sh(host, "killall -USR1 hopper-workload").map(drop)
+    }
+
     /// Waits until the workload in `vm` has ended and returns the digest it printed; an exit
     /// other than 0 is an error with its output.
     pub fn wait_done(

@@ -298,6 +298,7 @@ fn a_running_guest_moves_between_hosts_and_finishes_its_work_run() -> Result<()>
     };
     vm = hop(a, &vm, &c, "final", How::Precopy)?;
     a.host.kill();
+    WORKLOAD.hurry(&c.host, &vm)?;
     let digest = WORKLOAD.wait_done(&c.host, &vm, Duration::from_secs(900))?;
     ensure!(
         digest == expected.digest,

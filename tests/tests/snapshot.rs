@@ -178,6 +178,7 @@ fn snapshots_restore_in_a_new_process_and_the_guest_goes_on_run() -> Result<()> 
 
     // The run ends as an undisturbed one does: same digest, same file on the disk, and the
     // connection carried every line, in order, across all the restores.
+    WORKLOAD.hurry(&host, &vm)?;
     let digest = WORKLOAD.wait_done(&host, &vm, DONE)?;
     println!(
         "workload done {:.0} s after it started: digest {digest}",
