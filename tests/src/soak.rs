@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::microvm::{boot_guest, receive_guest, restore_guest, GuestVmm, MicrovmOptions};
 use crate::tls::Fleet;
-use crate::workload::{guest_progress, Expected, Workload};
+use crate::workload::{guest_progress, Expected, Workload, GUEST_PROGRESS};
 use crate::{HarnessError, MicrovmGuest, TestHost, TestHostOptions};
 
 /// Port of `vm receive` inside the test host (the migrations stay inside one host).
@@ -196,6 +196,18 @@ fn hopper_guest(host: &TestHost) -> Result<MicrovmGuest, HarnessError> {
     )?;
     vm.sh(host, "(while :; do :; done) </dev/null >/dev/null 2>&1 &")?;
     WORKLOAD.start(host, &vm, None)?;
+    // Its first line: from then on the progress file exists in every snapshot.
+    let started = Instant::now();
+    while !vm
+        .call_quiet(host, &["test", "-s", GUEST_PROGRESS])?
+        .exit
+        .success()
+    {
+        if started.elapsed() > READY {
+            return Err(vm.error(host, format!("no progress line within {READY:?}")));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
     Ok(vm)
 }
 

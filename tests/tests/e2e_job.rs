@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 #[path = "common/e2e.rs"]
 mod e2e;
 
-use e2e::{serial, Setup, DATA};
+use e2e::{Setup, DATA};
 
 fn sha256_hex(data: &str) -> String {
     Sha256::digest(data.as_bytes())
@@ -43,14 +43,21 @@ fn assert_ran_with_its_jit_config(s: &Setup, id: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One scheduler and one test host serve the job path's three checks in turn (one boot,
+/// several checks): each check ends with nothing left behind on the host, which is where the
+/// next one starts. The runner restart goes last.
 #[test]
-fn queued_job_runs_in_a_microvm_and_leaves_nothing_behind() -> anyhow::Result<()> {
-    hopper_tests::again_if_a_host_broke(queued_job_runs_in_a_microvm_and_leaves_nothing_behind_run)
+fn job_path_one_job_four_at_once_a_crash_and_a_runner_restart() -> anyhow::Result<()> {
+    hopper_tests::again_if_a_host_broke(|| {
+        let s = Setup::start("e2e", 4, 4096)?;
+        queued_job_runs_in_a_microvm_and_leaves_nothing_behind(&s).context("one job")?;
+        four_jobs_at_once_then_a_crashing_guest_is_failed(&s).context("four jobs, then a crash")?;
+        runner_restart_fails_the_interrupted_job_and_cleans_up(&s).context("a runner restart")?;
+        Ok(())
+    })
 }
 
-fn queued_job_runs_in_a_microvm_and_leaves_nothing_behind_run() -> anyhow::Result<()> {
-    let _serial = serial();
-    let s = Setup::start("e2e-one", 2, 2048)?;
+fn queued_job_runs_in_a_microvm_and_leaves_nothing_behind(s: &Setup) -> anyhow::Result<()> {
     // The guest reaches the outside world through its host's NAT: the job fetches a token
     // from a server on this machine (10.0.2.2 from inside the test host).
     let server = std::net::TcpListener::bind("0.0.0.0:0")?;
@@ -81,7 +88,7 @@ fn queued_job_runs_in_a_microvm_and_leaves_nothing_behind_run() -> anyhow::Resul
         job["state"] == "running",
         "the host's `running` report did not move the job: {job:#}"
     );
-    assert_ran_with_its_jit_config(&s, id)?;
+    assert_ran_with_its_jit_config(s, id)?;
     let log = s.job_log(id)?;
     ensure!(log.contains("job command ended with exit code 0"), "{log}");
     ensure!(
@@ -109,18 +116,11 @@ fn queued_job_runs_in_a_microvm_and_leaves_nothing_behind_run() -> anyhow::Resul
     Ok(())
 }
 
-#[test]
-fn four_jobs_at_once_then_a_crashing_guest_is_failed() -> anyhow::Result<()> {
-    hopper_tests::again_if_a_host_broke(four_jobs_at_once_then_a_crashing_guest_is_failed_run)
-}
-
-fn four_jobs_at_once_then_a_crashing_guest_is_failed_run() -> anyhow::Result<()> {
-    let _serial = serial();
-    let s = Setup::start("e2e-four", 4, 4096)?;
+fn four_jobs_at_once_then_a_crashing_guest_is_failed(s: &Setup) -> anyhow::Result<()> {
     // Counts the host's VMMs every 100 ms, to show the four jobs overlapped.
     s.host.sh(
         "(while :; do grep -l -- --agent-sock[e]t /proc/[0-9]*/cmdline 2>/dev/null | wc -l >>/tmp/vmm-count; \
-         sleep 0.1; done </dev/null >/dev/null 2>&1 &)",
+         sleep 0.1; done </dev/null >/dev/null 2>&1 & echo $! >/tmp/vmm-count.pid)",
     )?;
     let labels = ["hopper-1cpu-1gb"];
     let ids: Vec<u64> = (1..=4).map(|n| 7_100_000 + n).collect();
@@ -134,9 +134,11 @@ fn four_jobs_at_once_then_a_crashing_guest_is_failed_run() -> anyhow::Result<()>
             "job {id} did not finish: {job:#}\n{}",
             s.runner_log()
         );
-        assert_ran_with_its_jit_config(&s, id)?;
+        assert_ran_with_its_jit_config(s, id)?;
     }
-    let counts = s.host.sh("cat /tmp/vmm-count")?;
+    let counts = s
+        .host
+        .sh("kill $(cat /tmp/vmm-count.pid) && cat /tmp/vmm-count")?;
     let peak = counts
         .split_whitespace()
         .filter_map(|n| n.parse::<usize>().ok())
@@ -179,14 +181,7 @@ fn four_jobs_at_once_then_a_crashing_guest_is_failed_run() -> anyhow::Result<()>
     Ok(())
 }
 
-#[test]
-fn runner_restart_fails_the_interrupted_job_and_cleans_up() -> anyhow::Result<()> {
-    hopper_tests::again_if_a_host_broke(runner_restart_fails_the_interrupted_job_and_cleans_up_run)
-}
-
-fn runner_restart_fails_the_interrupted_job_and_cleans_up_run() -> anyhow::Result<()> {
-    let _serial = serial();
-    let s = Setup::start("e2e-restart", 2, 2048)?;
+fn runner_restart_fails_the_interrupted_job_and_cleans_up(s: &Setup) -> anyhow::Result<()> {
     let labels = ["hopper-1cpu-1gb"];
     let id = 7_200_001;
     s.queue(id, &labels)?;

@@ -3,7 +3,7 @@
 //! serves operations of GitHub's OpenAPI description and checks the App JWT and installation
 //! tokens), real `workflow_job` payloads, and a runner host enrolled from a test host.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
@@ -44,12 +44,6 @@ const WEBHOOK_SECRET: &str = "e2e-webhook-secret-5b7d";
 const ENROLL_SECRET: &str = "e2e-enroll-secret-8c2a";
 /// The runner host's data directory inside the test host.
 pub const DATA: &str = "/var/lib/hopper/runner";
-
-/// One test host at a time: they emulate their CPUs, and the machine has few cores.
-pub fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A real `workflow_job` example from @octokit/webhooks-examples (the queued one with an
 /// installation), made into job `id` with `labels`, at the stand-in's installation.
