@@ -7,6 +7,9 @@ started=$SECONDS
 tests/setup.sh
 setup_s=$((SECONDS - started))
 
+# hopper_tests::again_if_a_host_broke notes each test host breakdown that made a test run again.
+breakdowns=.cache/breakdowns.log
+rm -f "$breakdowns"
 status=0
 cargo nextest run --workspace --release --config-file tests/nextest.toml "$@" || status=$?
 
@@ -27,5 +30,11 @@ if [ -f "$junit" ]; then
 	' "$junit" | sort -rn | awk '$1 >= 1 || $2 == "FAIL" { printf "%9.1f %-7s %s %s\n", $1, $2, $3, $4; n++ }
 		END { if (n == 0) print "(no test took a second or more)" }'
 	printf '%9d %-7s %s\n' "$setup_s" - "tests/setup.sh" "$((SECONDS - started))" - "all, setup and build included"
+fi
+if [ -s "$breakdowns" ]; then
+	printf '\nTest hosts broke down, and the tests they were in ran again:\n'
+	cat "$breakdowns"
+else
+	printf '\nNo test host broke down: no test ran again.\n'
 fi
 exit "$status"

@@ -1,13 +1,23 @@
 //! One more run for a nested test whose test host broke down under it.
 
+use crate::paths::cache_dir;
 use crate::HarnessError;
 use std::io::Write;
+use std::path::Path;
+
+/// Where each breakdown that made a test run again is noted (in .cache/), for tests/run.sh.
+const BREAKDOWNS: &str = "breakdowns.log";
 
 /// Runs `test`, and runs it once more if a test host broke down during it
 /// ([`HarnessError::HostBroke`]: QEMU's emulation stalled or died, whatever ran inside). Any
 /// other failure, and a second breakdown, fails the test: a fault of the code under test
 /// fails it every time, and a flaky one is reported when it strikes on the second run too.
 pub fn again_if_a_host_broke<T>(test: impl Fn() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    again(test, Some(&cache_dir().join(BREAKDOWNS)))
+}
+
+/// [`again_if_a_host_broke`], noting each breakdown in `log` if given.
+fn again<T>(test: impl Fn() -> anyhow::Result<T>, log: Option<&Path>) -> anyhow::Result<T> {
     let e = match test() {
         Err(e) => e,
         ok => return ok,
@@ -16,12 +26,20 @@ pub fn again_if_a_host_broke<T>(test: impl Fn() -> anyhow::Result<T>) -> anyhow:
         return Err(e);
     };
     // Straight to stderr, past the test runner's capture: a retried test that then passes
-    // still shows that it was retried, and where the breakdown's logs are.
-    let _ = writeln!(
-        std::io::stderr(),
+    // still shows that it was retried, and where the breakdown's logs are. tests/run.sh
+    // lists the breakdowns of its run from the file.
+    let line = format!(
         "warning: {}; running the test once more",
         breakdown.lines().next().unwrap_or_default()
     );
+    let _ = writeln!(std::io::stderr(), "{line}");
+    if let Some(log) = log {
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut f| writeln!(f, "{line}"));
+    }
     println!("a test host broke down; running the test once more. The breakdown: {e:#}");
     test()
 }
@@ -52,28 +70,42 @@ mod tests {
     #[test]
     fn a_breakdown_is_run_again_once_and_other_failures_are_not() {
         let runs = Cell::new(0);
-        let result = again_if_a_host_broke(|| {
-            runs.set(runs.get() + 1);
-            if runs.get() == 1 {
-                Err(breakdown()).context("restoring")?;
-            }
-            Ok(runs.get())
-        });
+        let log = std::env::temp_dir().join(format!("hopper-breakdowns-{}", std::process::id()));
+        let result = again(
+            || {
+                runs.set(runs.get() + 1);
+                if runs.get() == 1 {
+                    Err(breakdown()).context("restoring")?;
+                }
+                Ok(runs.get())
+            },
+            Some(&log),
+        );
         assert_eq!(result.unwrap(), 2);
+        let noted = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        assert_eq!(noted.lines().count(), 1, "{noted}");
+        assert!(noted.contains("simulated by retry.rs"), "{noted}");
 
         runs.set(0);
-        let result: anyhow::Result<()> = again_if_a_host_broke(|| {
-            runs.set(runs.get() + 1);
-            Err(breakdown().into())
-        });
+        let result: anyhow::Result<()> = again(
+            || {
+                runs.set(runs.get() + 1);
+                Err(breakdown().into())
+            },
+            None,
+        );
         assert!(result.is_err());
         assert_eq!(runs.get(), 2, "a second breakdown fails the test");
 
         runs.set(0);
-        let result: anyhow::Result<()> = again_if_a_host_broke(|| {
-            runs.set(runs.get() + 1);
-            anyhow::bail!("digest differs")
-        });
+        let result: anyhow::Result<()> = again(
+            || {
+                runs.set(runs.get() + 1);
+                anyhow::bail!("digest differs")
+            },
+            None,
+        );
         assert!(result.is_err());
         assert_eq!(
             runs.get(),
