@@ -49,7 +49,7 @@ fi
 [ -n "$meta" ] || { echo "cannot resolve linux-image-cloud-amd64 from $KERNEL_SUITE (run tests/setup.sh)" >&2; exit 1; }
 case $meta in
 linux-image-"$KERNEL_SERIES".*) ;;
-*) echo "$KERNEL_SUITE offers $meta, not a $KERNEL_SERIES kernel: update KERNEL_SERIES in images/build.sh after testing it (tests/README.md)" >&2; exit 1 ;;
+*) echo "apt offers $meta, not a $KERNEL_SERIES kernel from $KERNEL_SUITE: without that suite as a source, run tests/setup.sh; if the suite moved on, test the new series (tests/README.md) and update KERNEL_SERIES" >&2; exit 1 ;;
 esac
 if [ "$(cat "$cache/kernel/package" 2>/dev/null)" = "$meta" ]; then
 	note "$meta (cached)"
