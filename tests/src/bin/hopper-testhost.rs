@@ -47,16 +47,17 @@ enum Command {
     /// stream the runner's log to stdout until SIGTERM or Ctrl-C (or, with
     /// --until-stdin-closes, the end of standard input).
     Run(RunArgs),
-    /// Boot test-host sessions in a row (or a few at a time), each running guests under both VMMs, snapshots and
-    /// migrations, and count the sessions in which the test host broke down. One line per
-    /// session on stdout, then `soak: N sessions, K breakdowns`; exits non-zero if any session
-    /// broke down or failed.
+    /// Boot test-host sessions in a row (or a few at a time), each running guests under both
+    /// VMMs, snapshots and migrations, and count the sessions in which the test host broke
+    /// down. One line per session on stdout, then `soak: N sessions, K breakdowns, F other
+    /// failures`; exits non-zero if any session broke down or failed. SIGINT or SIGTERM lets
+    /// the sessions under way end and starts no more.
     Soak(SoakArgs),
 }
 
 #[derive(Args)]
 struct SoakArgs {
-    /// How many test-host sessions to run, one after the other.
+    /// How many test-host sessions to run.
     #[arg(long, default_value_t = 10)]
     sessions: u32,
     /// vCPUs of each test host.
