@@ -26,7 +26,8 @@ Suites: $QEMU_SUITE
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SOURCES
-	apt-get update -qq
+	# Its index is fetched below, with the other updates (images/build.sh needs it too).
+	new_source=1
 fi
 # Only the named packages come from the suite at this version; everything else stays bookworm's.
 cat >/etc/apt/preferences.d/hopper-qemu <<PREFS
@@ -43,7 +44,7 @@ command -v npm >/dev/null || missing+=(nodejs npm)
 qemu_version() { dpkg-query -W -f '${Version}' qemu-system-x86 2>/dev/null || true; }
 # shellcheck disable=SC2053 # the series is a glob
 [[ $(qemu_version) == $QEMU_SERIES ]] || need_qemu=1
-if [ ${#missing[@]} -gt 0 ] || [ -n "${need_qemu:-}" ]; then
+if [ ${#missing[@]} -gt 0 ] || [ -n "${need_qemu:-}" ] || [ -n "${new_source:-}" ]; then
 	apt-get update -qq
 fi
 if [ ${#missing[@]} -gt 0 ]; then
