@@ -9,21 +9,7 @@
 //! and one image label; anything starting with `hopper-<digit>` must be a valid shape. Other
 //! labels (`self-hosted`, `linux`, …) may appear too; they are given to the JIT runner as is.
 
-use serde::{Deserialize, Serialize};
-
-pub const DEFAULT_SHAPE: Shape = Shape {
-    vcpus: 2,
-    memory_gb: 4,
-};
-pub const DEFAULT_IMAGE: &str = "ubuntu-24.04";
-const MAX_VCPUS: u32 = 64;
-const MAX_MEMORY_GB: u32 = 512;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Shape {
-    pub vcpus: u32,
-    pub memory_gb: u32,
-}
+pub use hopper_api::shape::{Shape, DEFAULT_IMAGE, DEFAULT_SHAPE, MAX_MEMORY_GB, MAX_VCPUS};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HopperSpec {
@@ -94,9 +80,7 @@ fn parse_shape(s: &str) -> Option<Shape> {
     if !all_digits(cpu) || !all_digits(mem) {
         return None;
     }
-    let (vcpus, memory_gb): (u32, u32) = (cpu.parse().ok()?, mem.parse().ok()?);
-    ((1..=MAX_VCPUS).contains(&vcpus) && (1..=MAX_MEMORY_GB).contains(&memory_gb))
-        .then_some(Shape { vcpus, memory_gb })
+    Shape::new(cpu.parse().ok()?, mem.parse().ok()?).ok()
 }
 
 fn valid_image(s: &str) -> bool {
@@ -130,10 +114,7 @@ mod tests {
         assert_eq!(
             c(&["self-hosted", "Hopper-4CPU-8GB", "hopper-debian-12"]),
             LabelMatch::Hopper(HopperSpec {
-                shape: Shape {
-                    vcpus: 4,
-                    memory_gb: 8
-                },
+                shape: Shape::new(4, 8).unwrap(),
                 image: "debian-12".into()
             })
         );

@@ -6,18 +6,20 @@ pub mod api;
 pub mod config;
 pub mod github;
 pub mod joblogs;
-pub mod jobs;
 pub mod labels;
 pub mod localjobs;
 pub mod metrics;
 pub mod placement;
 pub mod redact;
 pub mod runners;
-pub mod secret;
 pub mod server;
 pub mod store;
 pub mod up;
 pub mod webhook;
+
+// The vocabulary shared with runner hosts, under the names the scheduler's modules use.
+pub use hopper_api::job as jobs;
+pub use hopper_api::secret;
 
 /// Milliseconds since the Unix epoch: the store's time unit.
 pub fn now_ms() -> i64 {

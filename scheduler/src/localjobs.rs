@@ -121,7 +121,7 @@ mod tests {
     fn same_grammar_as_webhooks_but_refused_instead_of_unschedulable() {
         let u = job_update("hopper", sub(&["hopper-1cpu-1gb", "extra"])).unwrap();
         assert_eq!(u.target, JobState::Queued);
-        assert_eq!(u.shape.map(|s| (s.vcpus, s.memory_gb)), Some((1, 1)));
+        assert_eq!(u.shape.map(|s| (s.vcpus(), s.memory_gb())), Some((1, 1)));
         assert_eq!(u.image.as_deref(), Some(crate::labels::DEFAULT_IMAGE));
         assert_eq!(u.installation_id, None);
 

@@ -31,15 +31,15 @@ pub fn plan(queue: &[Job], hosts: &[Host]) -> Vec<(u64, String)> {
     let mut out = Vec::new();
     for job in queue {
         let shape = job.shape.unwrap_or(DEFAULT_SHAPE);
-        let need_mb = u64::from(shape.memory_gb) * 1024;
+        let (vcpus, need_mb) = (u32::from(shape.vcpus()), shape.memory_mib());
         let image = job.image.as_deref().unwrap_or_default();
         let best = rooms
             .iter_mut()
-            .filter(|r| r.vcpus >= shape.vcpus && r.memory_mb >= need_mb)
+            .filter(|r| r.vcpus >= vcpus && r.memory_mb >= need_mb)
             .filter(|r| r.images.is_empty() || r.images.iter().any(|i| i == image))
-            .min_by_key(|r| (r.vcpus - shape.vcpus, r.memory_mb - need_mb));
+            .min_by_key(|r| (r.vcpus - vcpus, r.memory_mb - need_mb));
         if let Some(room) = best {
-            room.vcpus -= shape.vcpus;
+            room.vcpus -= vcpus;
             room.memory_mb -= need_mb;
             out.push((job.id, room.host_id.clone()));
         }
@@ -53,7 +53,7 @@ mod tests {
     use crate::jobs::JobState;
     use crate::labels::Shape;
 
-    fn job(id: u64, vcpus: u32, memory_gb: u32) -> Job {
+    fn job(id: u64, vcpus: u64, memory_gb: u64) -> Job {
         Job {
             id,
             run_id: 1,
@@ -63,7 +63,7 @@ mod tests {
             labels: vec!["hopper".into()],
             state: JobState::Queued,
             conclusion: None,
-            shape: Some(Shape { vcpus, memory_gb }),
+            shape: Some(Shape::new(vcpus, memory_gb).unwrap()),
             image: Some("ubuntu-24.04".into()),
             reason: None,
             host_id: None,

@@ -12,8 +12,9 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use hopper_api::host::{DEFAULT_POLL_WAIT_S, MAX_POLL_WAIT_S};
+use hopper_api::{Assignment, Enrolled, StatusReport};
 use http_body_util::BodyExt;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -21,12 +22,13 @@ use subtle::ConstantTimeEq;
 use super::{parse_job_id, parse_json, parse_log_name, ApiError};
 use crate::joblogs::{LogInfo, Upload};
 use crate::jobs::{Job, VmState};
-use crate::labels::{Shape, DEFAULT_SHAPE};
+use crate::labels::DEFAULT_SHAPE;
+use crate::secret::Secret;
 use crate::server::AppState;
 use crate::store::{Host, NewHost, ReportError};
 
-const DEFAULT_WAIT: Duration = Duration::from_secs(25);
-const MAX_WAIT: Duration = Duration::from_secs(60);
+const DEFAULT_WAIT: Duration = Duration::from_secs(DEFAULT_POLL_WAIT_S);
+const MAX_WAIT: Duration = Duration::from_secs(MAX_POLL_WAIT_S);
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -62,35 +64,6 @@ impl FromRequestParts<Arc<AppState>> for AuthHost {
     }
 }
 
-#[derive(Serialize)]
-struct Enrolled {
-    host: Host,
-    /// The host's credential for every later call (`Authorization: Bearer …`). Shown once.
-    token: String,
-    heartbeat_interval_s: u64,
-}
-
-fn validate(h: &NewHost) -> Result<(), String> {
-    let text_ok =
-        |s: &str, max: usize| !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control);
-    if !text_ok(&h.name, 128) {
-        return Err("name must be 1 to 128 printable characters".into());
-    }
-    if !text_ok(&h.address, 256) {
-        return Err("address must be 1 to 256 printable characters".into());
-    }
-    if h.vcpus == 0 || h.vcpus > 4096 {
-        return Err("vcpus must be 1 to 4096".into());
-    }
-    if h.memory_mb < 128 || h.memory_mb > 64 * 1024 * 1024 {
-        return Err("memory_mb must be 128 to 67108864".into());
-    }
-    if h.labels.len() > 64 || h.labels.iter().any(|l| !text_ok(l, 128)) {
-        return Err("at most 64 labels of 1 to 128 printable characters".into());
-    }
-    Ok(())
-}
-
 pub async fn enroll(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -111,7 +84,8 @@ pub async fn enroll(
         ));
     }
     let new: NewHost = parse_json(&body)?;
-    validate(&new).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    new.validate()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     let token = format!("hht_{}", hex::encode(rand::random::<[u8; 32]>()));
     let hash = token_hash(&token);
     let host = state.store(move |s| s.enroll_host(&new, &hash)).await?;
@@ -122,7 +96,7 @@ pub async fn enroll(
         StatusCode::CREATED,
         Json(Enrolled {
             host,
-            token,
+            token: Secret::new(token),
             heartbeat_interval_s,
         }),
     )
@@ -140,17 +114,6 @@ pub async fn heartbeat(
         state.placement_wake.notify_one();
     }
     Ok(Json(json!({ "state": "active" })))
-}
-
-/// What a host gets to run: the job, the VM to boot and the runner's JIT config.
-#[derive(Serialize)]
-struct AssignmentBody {
-    job: Job,
-    shape: Shape,
-    image: String,
-    runner_name: String,
-    /// Start the runner with `./run.sh --jitconfig <jit_config>`. Single use.
-    jit_config: String,
 }
 
 pub async fn assignment(
@@ -177,7 +140,7 @@ pub async fn assignment(
         notified.as_mut().enable();
         let id = host.id.clone();
         if let Some(a) = state.store(move |s| s.assignment_for(&id)).await? {
-            let body = AssignmentBody {
+            let body = Assignment {
                 shape: a.job.shape.unwrap_or(DEFAULT_SHAPE),
                 image: a
                     .job
@@ -185,7 +148,7 @@ pub async fn assignment(
                     .clone()
                     .unwrap_or_else(|| crate::labels::DEFAULT_IMAGE.into()),
                 runner_name: a.job.runner_name.clone().unwrap_or_default(),
-                jit_config: a.jit_config.expose().to_owned(),
+                jit_config: a.jit_config,
                 job: a.job,
             };
             return Ok(Json(body).into_response());
@@ -196,14 +159,6 @@ pub async fn assignment(
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Report {
-    vm_state: VmState,
-    #[serde(default)]
-    message: Option<String>,
-}
-
 pub async fn report(
     State(state): State<Arc<AppState>>,
     AuthHost(host): AuthHost,
@@ -211,13 +166,10 @@ pub async fn report(
     body: Bytes,
 ) -> Result<Json<Job>, ApiError> {
     let job_id = parse_job_id(&job_id)?;
-    let report: Report = parse_json(&body)?;
-    if report.message.as_ref().is_some_and(|m| m.len() > 4096) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "message over 4096 bytes",
-        ));
-    }
+    let report: StatusReport = parse_json(&body)?;
+    report
+        .check()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     let host_id = host.id.clone();
     let vm = report.vm_state;
     let result = state

@@ -10,50 +10,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
-use serde::Serialize;
-
 pub use upload::Upload;
 
-/// How much of each log is kept: the end, where a failure shows.
-pub const MAX_LOG_BYTES: usize = 8 * 1024 * 1024;
-
-/// The logs a job has; the API names them `console`, `vmm` and `job`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogName {
-    Console,
-    Vmm,
-    Job,
-}
-
-impl LogName {
-    pub const ALL: [LogName; 3] = [LogName::Console, LogName::Vmm, LogName::Job];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogName::Console => "console",
-            LogName::Vmm => "vmm",
-            LogName::Job => "job",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<LogName> {
-        LogName::ALL.into_iter().find(|n| n.as_str() == s)
-    }
-
-    fn file_name(self) -> String {
-        format!("{}.log", self.as_str())
-    }
-}
-
-/// A stored log, as the API lists it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct LogInfo {
-    pub name: LogName,
-    pub size: u64,
-    /// When it was last uploaded, ms since the epoch.
-    pub updated_at: i64,
-}
+pub use hopper_api::logs::{LogInfo, LogName, MAX_LOG_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot {action} {}: {source}", path.display())]

@@ -7,8 +7,6 @@ mod sqlite;
 use std::path::Path;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
 use crate::jobs::{Backwards, Job, JobState, VmState};
 use crate::labels::Shape;
 use crate::redact::JitFingerprint;
@@ -63,48 +61,7 @@ pub enum DeliveryOutcome {
     Recorded(Option<JobChange>),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HostState {
-    Active,
-    Lost,
-}
-
-impl HostState {
-    fn as_str(self) -> &'static str {
-        match self {
-            HostState::Active => "active",
-            HostState::Lost => "lost",
-        }
-    }
-}
-
-/// What a host declares when it enrolls.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NewHost {
-    pub name: String,
-    pub vcpus: u32,
-    pub memory_mb: u64,
-    #[serde(default)]
-    pub labels: Vec<String>,
-    pub address: String,
-}
-
-/// A host with what its jobs use of it. Holds no secrets (the token is kept only as a hash).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Host {
-    pub id: String,
-    pub name: String,
-    pub vcpus: u32,
-    pub memory_mb: u64,
-    pub labels: Vec<String>,
-    pub address: String,
-    pub state: HostState,
-    pub enrolled_at: i64,
-    pub last_heartbeat: i64,
-    pub used_vcpus: u32,
-    pub used_memory_mb: u64,
-}
+pub use hopper_api::host::{Host, HostState, NewHost};
 
 /// A runner registered with GitHub for one job.
 #[derive(Clone, Debug)]

@@ -143,8 +143,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
     let labels: String = r.get(5)?;
     let state: String = r.get(6)?;
-    let vcpus: Option<u32> = r.get(8)?;
-    let memory_gb: Option<u32> = r.get(9)?;
+    let vcpus: Option<u64> = r.get(8)?;
+    let memory_gb: Option<u64> = r.get(9)?;
     let vm: Option<String> = r.get(15)?;
     let bad = |what: String| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, what.into())
@@ -158,9 +158,12 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
         labels: serde_json::from_str(&labels).map_err(|e| bad(format!("labels: {e}")))?,
         state: JobState::parse(&state).ok_or_else(|| bad(format!("job state {state}")))?,
         conclusion: r.get(7)?,
-        shape: vcpus
-            .zip(memory_gb)
-            .map(|(vcpus, memory_gb)| Shape { vcpus, memory_gb }),
+        shape: match vcpus.zip(memory_gb) {
+            Some((vcpus, memory_gb)) => {
+                Some(Shape::new(vcpus, memory_gb).map_err(|e| bad(e.to_string()))?)
+            }
+            None => None,
+        },
         image: r.get(10)?,
         reason: r.get(11)?,
         host_id: r.get(12)?,
@@ -208,8 +211,8 @@ fn apply(tx: &Transaction<'_>, u: &JobUpdate) -> Result<JobChange, StoreError> {
             labels,
             u.target.as_str(),
             u.conclusion,
-            u.shape.map(|s| s.vcpus),
-            u.shape.map(|s| s.memory_gb),
+            u.shape.map(|s| s.vcpus()),
+            u.shape.map(|s| s.memory_gb()),
             u.image,
             u.reason,
             now,
@@ -626,10 +629,7 @@ mod tests {
             labels: labels.iter().map(|l| l.to_string()).collect(),
             target: JobState::Queued,
             conclusion: None,
-            shape: Some(Shape {
-                vcpus: 1,
-                memory_gb: 1,
-            }),
+            shape: Some(Shape::new(1, 1).unwrap()),
             image: Some("ubuntu-24.04".into()),
             reason: None,
         }

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::labels::Shape;
+use crate::shape::Shape;
 
 /// A job's life in Hopper. GitHub's events and host reports arrive late and out of order, so a
 /// state change is only applied when it moves the job forward (see [`transition`]).

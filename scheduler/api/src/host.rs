@@ -1,0 +1,201 @@
+//! The host API's messages: enrollment, assignments and status reports.
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::{Job, VmState};
+use crate::secret::{serialize_exposed, Secret};
+use crate::shape::Shape;
+
+/// The longest status message a host may send.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+/// How long the scheduler holds an assignment poll open when the host names no `wait`, and the
+/// most it holds one open.
+pub const DEFAULT_POLL_WAIT_S: u64 = 25;
+pub const MAX_POLL_WAIT_S: u64 = 60;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    Active,
+    Lost,
+}
+
+impl HostState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Active => "active",
+            HostState::Lost => "lost",
+        }
+    }
+}
+
+/// What a host declares when it enrolls.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewHost {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    pub address: String,
+}
+
+impl NewHost {
+    /// The scheduler refuses a host that fails this; the host checks before it asks.
+    pub fn validate(&self) -> Result<(), String> {
+        let text_ok = |s: &str, max: usize| {
+            !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control)
+        };
+        if !text_ok(&self.name, 128) {
+            return Err("name must be 1 to 128 printable characters".into());
+        }
+        if !text_ok(&self.address, 256) {
+            return Err("address must be 1 to 256 printable characters".into());
+        }
+        if self.vcpus == 0 || self.vcpus > 4096 {
+            return Err("vcpus must be 1 to 4096".into());
+        }
+        if self.memory_mb < 128 || self.memory_mb > 64 * 1024 * 1024 {
+            return Err("memory_mb must be 128 to 67108864".into());
+        }
+        if self.labels.len() > 64 || self.labels.iter().any(|l| !text_ok(l, 128)) {
+            return Err("at most 64 labels of 1 to 128 printable characters".into());
+        }
+        Ok(())
+    }
+}
+
+/// A host with what its jobs use of it. Holds no secrets (the token is kept only as a hash).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub id: String,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    pub labels: Vec<String>,
+    pub address: String,
+    pub state: HostState,
+    pub enrolled_at: i64,
+    pub last_heartbeat: i64,
+    pub used_vcpus: u32,
+    pub used_memory_mb: u64,
+}
+
+/// The answer to an enrollment.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Enrolled {
+    pub host: Host,
+    /// The host's credential for every later call (`Authorization: Bearer …`). Shown once.
+    #[serde(serialize_with = "serialize_exposed")]
+    pub token: Secret,
+    pub heartbeat_interval_s: u64,
+}
+
+/// What a host gets to run: the job, the VM to boot and the runner's JIT config.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Assignment {
+    pub job: Job,
+    pub shape: Shape,
+    pub image: String,
+    pub runner_name: String,
+    /// Start the runner with `./run.sh --jitconfig <jit_config>`. Single use.
+    #[serde(serialize_with = "serialize_exposed")]
+    pub jit_config: Secret,
+}
+
+/// A host's report on a job's VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusReport {
+    pub vm_state: VmState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl StatusReport {
+    /// A report whose message is cut, on a character boundary, to what the scheduler takes.
+    pub fn new(vm_state: VmState, message: Option<&str>) -> Self {
+        StatusReport {
+            vm_state,
+            message: message.map(|m| truncate(m, MAX_MESSAGE_BYTES).to_string()),
+        }
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        match &self.message {
+            Some(m) if m.len() > MAX_MESSAGE_BYTES => {
+                Err(format!("message over {MAX_MESSAGE_BYTES} bytes"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_assignment_carries_its_jit_config_but_never_prints_it() {
+        let a: Assignment = serde_json::from_value(serde_json::json!({
+            "job": {
+                "id": 7, "run_id": 1, "run_attempt": 1, "repository": "o/r",
+                "installation_id": null, "labels": ["hopper-1cpu-1gb"], "state": "assigned",
+                "conclusion": null, "shape": {"vcpus": 1, "memory_gb": 1}, "image": null,
+                "reason": null, "host_id": "h", "runner_id": 3, "runner_name": "hopper-7",
+                "vm_state": null, "created_at": 0, "assigned_at": 0, "updated_at": 0
+            },
+            "shape": { "vcpus": 1, "memory_gb": 1 },
+            "image": "ubuntu-24.04",
+            "runner_name": "hopper-7",
+            "jit_config": "jitcfg_secret"
+        }))
+        .unwrap();
+        assert_eq!(a.job.id, 7);
+        assert!(!format!("{a:?}").contains("jitcfg_secret"));
+        let sent = serde_json::to_value(&a).unwrap();
+        assert_eq!(sent["jit_config"], "jitcfg_secret");
+    }
+
+    #[test]
+    fn long_messages_are_cut_on_a_char_boundary() {
+        let long = "é".repeat(3000);
+        let r = StatusReport::new(VmState::Failed, Some(&long));
+        let m = r.message.as_deref().unwrap();
+        assert!(m.len() <= MAX_MESSAGE_BYTES && m.chars().all(|c| c == 'é'));
+        assert!(r.check().is_ok());
+        let over = StatusReport {
+            vm_state: VmState::Failed,
+            message: Some("x".repeat(MAX_MESSAGE_BYTES + 1)),
+        };
+        assert!(over.check().is_err());
+        assert_eq!(
+            StatusReport::new(VmState::Running, Some("short"))
+                .message
+                .as_deref(),
+            Some("short")
+        );
+    }
+
+    #[test]
+    fn the_scheduler_refuses_what_the_host_would_not_send() {
+        let mut h = NewHost {
+            name: "h".into(),
+            vcpus: 2,
+            memory_mb: 1024,
+            labels: vec![],
+            address: "h".into(),
+        };
+        assert!(h.validate().is_ok());
+        h.name = "a\nb".into();
+        assert!(h.validate().is_err());
+    }
+}
