@@ -4,9 +4,9 @@
 
 use super::link::Link;
 use super::protocol::{Frame, Plan};
-use super::source::{
-    plan_blocks, plan_pages, send_blocks, send_pages, MigrationError, TrackedDisk,
-};
+use super::source::send::{send_blocks, send_pages};
+use super::source::tracking::{plan_blocks, plan_pages, TrackedDisk};
+use super::source::MigrationError;
 use crate::vm::Vm;
 use std::collections::HashSet;
 use std::sync::Mutex;
