@@ -7,11 +7,19 @@ started=$SECONDS
 tests/setup.sh
 setup_s=$((SECONDS - started))
 
+# Style and lints first: a finding fails the run, but the tests still run to show the rest.
+status=0
+lint_started=$SECONDS
+cargo fmt --all --check || status=$?
+cargo clippy --release --workspace --all-targets --quiet -- -D warnings || status=$?
+lint_s=$((SECONDS - lint_started))
+
 # hopper_tests::again_if_a_host_broke notes each test host breakdown that made a test run again.
 breakdowns=.cache/breakdowns.log
 rm -f "$breakdowns"
-status=0
-cargo nextest run --workspace --release --config-file tests/nextest.toml "$@" || status=$?
+tests_status=0
+cargo nextest run --workspace --release --config-file tests/nextest.toml "$@" || tests_status=$?
+[ "$tests_status" = 0 ] || status=$tests_status
 
 junit=target/nextest/default/junit.xml
 if [ -f "$junit" ]; then
@@ -29,7 +37,7 @@ if [ -f "$junit" ]; then
 		END { if (name != "") print time, result, name }
 	' "$junit" | sort -rn | awk '$1 >= 1 || $2 == "FAIL" { printf "%9.1f %-7s %s %s\n", $1, $2, $3, $4; n++ }
 		END { if (n == 0) print "(no test took a second or more)" }'
-	printf '%9d %-7s %s\n' "$setup_s" - "tests/setup.sh" "$((SECONDS - started))" - "all, setup and build included"
+	printf '%9d %-7s %s\n' "$setup_s" - "tests/setup.sh" "$lint_s" - "cargo fmt --check, cargo clippy" "$((SECONDS - started))" - "all, setup and build included"
 fi
 if [ -s "$breakdowns" ]; then
 	printf '\nTest hosts broke down, and the tests they were in ran again:\n'

@@ -202,12 +202,56 @@ pub fn ruleset(table: &str, tap: &str, allowed_tcp_ports: &[u16]) -> String {
     )
 }
 
+/// Gives `tap` its host address (if any) and its firewall, removed when the returned value is
+/// dropped.
+pub fn set_up_host_side(
+    tap: &str,
+    host_ip: Option<Cidr>,
+    allowed_tcp_ports: &[u16],
+) -> Result<GuestFirewall, NetworkError> {
+    if let Some(cidr) = host_ip {
+        configure_interface(tap, cidr)?;
+    }
+    GuestFirewall::install(tap, allowed_tcp_ports)
+}
+
+/// The name of the table that guards `tap`.
+fn table_name(tap: &str) -> String {
+    format!(
+        "hopper_{}",
+        tap.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    )
+}
+
+/// Removes the guest firewall tables of every interface named `tap_prefix…`; returns their
+/// names.
+pub fn remove_guest_firewalls(tap_prefix: &str) -> Result<Vec<String>, NetworkError> {
+    let out = Command::new("nft")
+        .args(["list", "tables", "inet"])
+        .output()
+        .map_err(NetworkError::NftMissing)?;
+    if !out.status.success() {
+        return Err(NetworkError::Nft {
+            tap: tap_prefix.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    let ours = table_name(tap_prefix);
+    let tables: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table inet "))
+        .filter(|t| t.starts_with(&ours))
+        .map(str::to_string)
+        .collect();
+    for table in &tables {
+        nft(&format!("delete table inet {table}\n"), table)?;
+    }
+    Ok(tables)
+}
+
 impl GuestFirewall {
     pub fn install(tap: &str, allowed_tcp_ports: &[u16]) -> Result<Self, NetworkError> {
-        let table = format!(
-            "hopper_{}",
-            tap.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
-        );
+        let table = table_name(tap);
         // Start from a clean table: one left by a VMM that was killed is replaced whole.
         let script = format!(
             "table inet {table}\ndelete table inet {table}\n{}",

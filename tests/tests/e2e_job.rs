@@ -43,16 +43,18 @@ fn assert_ran_with_its_jit_config(s: &Setup, id: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One scheduler and one test host serve the job path's three checks in turn (one boot,
-/// several checks): each check ends with nothing left behind on the host, which is where the
-/// next one starts. The runner restart goes last.
+/// One scheduler and one test host serve the job path's checks in turn (one boot, several
+/// checks): each check ends with nothing left behind on the host, which is where the next one
+/// starts. The runner restart and the daemon's stop go last.
 #[test]
-fn job_path_one_job_four_at_once_a_crash_and_a_runner_restart() -> anyhow::Result<()> {
+fn job_path_one_job_four_at_once_a_crash_a_killed_vmm_a_restart_and_a_stop() -> anyhow::Result<()> {
     hopper_tests::again_if_a_host_broke(|| {
         let s = Setup::start("e2e", 4, 4096)?;
         queued_job_runs_in_a_microvm_and_leaves_nothing_behind(&s).context("one job")?;
         four_jobs_at_once_then_a_crashing_guest_is_failed(&s).context("four jobs, then a crash")?;
+        a_killed_vmm_leaves_nothing_behind(&s).context("a killed VMM")?;
         runner_restart_fails_the_interrupted_job_and_cleans_up(&s).context("a runner restart")?;
+        sigterm_stops_the_running_job_and_leaves_nothing(&s).context("SIGTERM")?;
         Ok(())
     })
 }
@@ -109,7 +111,7 @@ fn queued_job_runs_in_a_microvm_and_leaves_nothing_behind(s: &Setup) -> anyhow::
             let job = s.scheduler.get_json(&format!("/api/v1/jobs/{id}"))?;
             Ok((job["state"] == "completed").then_some(()))
         })?;
-    s.assert_nothing_left("VMM or job directory")?;
+    s.assert_nothing_left("after the job")?;
     s.assert_no_secrets_logged()?;
     s.github.assert_no_violations();
     println!("e2e: one job, queued delivery to the host's `finished` report: {took:.2?}");
@@ -145,7 +147,7 @@ fn four_jobs_at_once_then_a_crashing_guest_is_failed(s: &Setup) -> anyhow::Resul
         .max()
         .unwrap_or(0);
     ensure!(peak == 4, "at most {peak} VMs ran at once, not 4");
-    s.assert_nothing_left("VMM or job directory")?;
+    s.assert_nothing_left("after the job")?;
 
     // The guest's kernel panics mid-job; with panic=-1 it reboots and the VMM exits 0, but
     // the job command never answered: the job is failed, not finished.
@@ -175,27 +177,23 @@ fn four_jobs_at_once_then_a_crashing_guest_is_failed(s: &Setup) -> anyhow::Resul
         console.contains("Kernel panic"),
         "no panic on the guest console:\n{console}"
     );
-    s.assert_nothing_left("VMM or job directory")?;
+    s.assert_nothing_left("after the job")?;
     s.assert_no_secrets_logged()?;
     s.github.assert_no_violations();
     Ok(())
 }
 
 fn runner_restart_fails_the_interrupted_job_and_cleans_up(s: &Setup) -> anyhow::Result<()> {
-    let labels = ["hopper-1cpu-1gb"];
     let id = 7_200_001;
-    s.queue(id, &labels)?;
-    // Kill the daemon while the job's VM boots: the VMM is left running as an orphan.
-    s.scheduler
-        .wait_for("the job's VM to start", Duration::from_secs(120), || {
-            let job = s.scheduler.get_json(&format!("/api/v1/jobs/{id}"))?;
-            Ok((job["vm_state"] == "starting").then_some(()))
-        })?;
+    s.queue(id, &["hopper-1cpu-1gb", "e2e-sleep-600"])?;
+    // Kill the daemon while the job runs: its directory, TAP and firewall table stay behind,
+    // and its VMM too unless the broken console pipe ended it.
+    wait_running(s, id)?;
     s.kill_runner()?;
-    let (vmms, dirs) = s.leftovers()?;
+    let left = s.leftovers()?;
     ensure!(
-        dirs == 1,
-        "the job's directory should outlive the daemon, found {dirs}"
+        left.dirs == 1 && left.taps == 1 && left.tables == 1,
+        "the job's directory, TAP and firewall table should outlive the daemon: {left:?}"
     );
 
     s.start_runner()?;
@@ -209,7 +207,7 @@ fn runner_restart_fails_the_interrupted_job_and_cleans_up(s: &Setup) -> anyhow::
         reason.contains("runner host restarted while the job ran"),
         "reason: {reason}"
     );
-    s.assert_nothing_left(&format!("VMM ({vmms} before the restart) or job directory"))?;
+    s.assert_nothing_left(&format!("after the restart ({} VMMs before it)", left.vmms))?;
     // The restarted daemon is the same host: it used its stored token, not a new enrollment.
     let hosts = s.scheduler.get_json("/api/v1/hosts")?;
     ensure!(
@@ -218,6 +216,81 @@ fn runner_restart_fails_the_interrupted_job_and_cleans_up(s: &Setup) -> anyhow::
     );
     let log = s.runner_log();
     ensure!(log.contains("using stored host credentials"), "{log}");
+    s.assert_no_secrets_logged()?;
+    Ok(())
+}
+
+/// Waits until job `id`'s VM runs the job command.
+fn wait_running(s: &Setup, id: u64) -> anyhow::Result<()> {
+    s.scheduler.wait_for(
+        "the job's VM to run the job",
+        Duration::from_secs(180),
+        || {
+            let job = s.scheduler.get_json(&format!("/api/v1/jobs/{id}"))?;
+            Ok((job["vm_state"] == "running").then_some(()))
+        },
+    )?;
+    Ok(())
+}
+
+/// A VMM that dies by SIGKILL (nothing of its own cleanup runs) still leaves no TAP, firewall
+/// table or work directory once the daemon has noticed: the daemon owns them, not the VMM.
+fn a_killed_vmm_leaves_nothing_behind(s: &Setup) -> anyhow::Result<()> {
+    let id = 7_150_001;
+    s.queue(id, &["hopper-1cpu-1gb", "e2e-sleep-600"])?;
+    wait_running(s, id)?;
+    let left = s.leftovers()?;
+    ensure!(
+        left.vmms == 1 && left.dirs == 1 && left.taps == 1 && left.tables == 1,
+        "a running job should have one of each: {left:?}"
+    );
+    s.host
+        .sh(&format!("kill -9 $(cat {DATA}/jobs/{id}/vmm.pid)"))?;
+    let job = s.wait_vm_done(id, Duration::from_secs(60))?;
+    ensure!(
+        job["vm_state"] == "failed",
+        "a job whose VMM was killed is not failed: {job:#}"
+    );
+    let reason = job["reason"].as_str().unwrap_or_default();
+    ensure!(
+        reason.contains("guest stopped before the job command finished"),
+        "reason: {reason}"
+    );
+    s.assert_nothing_left("after the VMM was killed")?;
+    Ok(())
+}
+
+/// SIGTERM to the daemon with a job running: the job's VM is stopped, the job reported failed
+/// with the reason, everything of it removed, and the daemon exits 0.
+fn sigterm_stops_the_running_job_and_leaves_nothing(s: &Setup) -> anyhow::Result<()> {
+    let id = 7_300_001;
+    s.queue(id, &["hopper-1cpu-1gb", "e2e-sleep-600"])?;
+    wait_running(s, id)?;
+    s.host.sh("kill -TERM $(cat /tmp/runner-host.pid)")?;
+    let job = s.wait_vm_done(id, Duration::from_secs(90))?;
+    ensure!(
+        job["vm_state"] == "failed" && job["state"] == "failed",
+        "the stopped job is not failed: {job:#}"
+    );
+    let reason = job["reason"].as_str().unwrap_or_default();
+    ensure!(
+        reason.contains("runner host was stopped while the job ran"),
+        "reason: {reason}"
+    );
+    s.wait_nothing_left("after SIGTERM", Duration::from_secs(30))?;
+    let gone = s.host.sh(
+        // A zombie (its parent may not reap it) has an empty command line: it counts as gone.
+        "p=$(cat /tmp/runner-host.pid); for i in $(seq 100); do \
+         [ -n \"$(tr -d '\\0' </proc/$p/cmdline 2>/dev/null)\" ] || { echo gone; exit 0; }; \
+         sleep 0.2; done; echo running",
+    )?;
+    ensure!(
+        gone.trim() == "gone",
+        "the daemon still runs 20 s after SIGTERM\n{}",
+        s.runner_log()
+    );
+    let log = s.runner_log();
+    ensure!(log.contains("runner host stopped"), "{log}");
     s.assert_no_secrets_logged()?;
     Ok(())
 }

@@ -208,6 +208,10 @@ pub struct RunArgs {
     tap: Option<String>,
     #[command(flatten)]
     host_net: HostNetArgs,
+    /// The TAP's host side (address, firewall) is set up and removed by the caller, as the
+    /// runner host daemon does for its jobs: this VMM installs nothing on the host.
+    #[arg(long, requires = "tap", conflicts_with_all = ["host_ip", "allow_host_ports"])]
+    tap_prepared: bool,
     /// MAC address of the guest's interface.
     #[arg(long, default_value = "06:00:ac:10:00:02", requires = "tap")]
     mac: String,
@@ -302,7 +306,10 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
         api_socket: args.api_socket,
     };
     let vmm = Vmm::build(&cfg, Box::new(std::io::stdout())).context("cannot start the VM")?;
-    let firewall = host_side(args.tap.as_deref(), &args.host_net)?;
+    let firewall = match args.tap_prepared {
+        true => None,
+        false => host_side(args.tap.as_deref(), &args.host_net)?,
+    };
     run_to_end(vmm, firewall)
 }
 
@@ -371,11 +378,9 @@ fn host_side(tap: Option<&str>, host_net: &HostNetArgs) -> anyhow::Result<Option
     let Some(tap) = tap else {
         return Ok(None);
     };
-    if let Some(cidr) = host_net.host_ip {
-        network::configure_interface(tap, cidr)?;
-    }
-    Ok(Some(GuestFirewall::install(
+    Ok(Some(network::set_up_host_side(
         tap,
+        host_net.host_ip,
         &host_net.allow_host_ports,
     )?))
 }

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::api::{ApiError, HostInfo, SchedulerClient};
-use super::secret::Secret;
+use hopper_api::{NewHost, Secret};
+
+use super::client::{ApiError, SchedulerClient};
 
 pub const FILE: &str = "host-credentials.json";
 
@@ -117,28 +118,28 @@ fn store(path: &Path, scheduler: &str, creds: &Credentials) -> Result<(), Enroll
 }
 
 /// The stored credentials for this scheduler, or new ones from enrolling.
-pub fn load_or_enroll(
+pub async fn load_or_enroll(
     client: &SchedulerClient,
     data_dir: &Path,
     enroll_secret: &Secret,
-    info: &HostInfo,
+    info: &NewHost,
 ) -> Result<Credentials, EnrollError> {
     let path = data_dir.join(FILE);
     if let Some(creds) = load(&path, client.base())? {
         tracing::info!(host = %creds.host_id, "using stored host credentials");
         return Ok(creds);
     }
-    enroll(client, data_dir, enroll_secret, info)
+    enroll(client, data_dir, enroll_secret, info).await
 }
 
 /// Enrolls as a new host and stores the token, replacing stored credentials.
-pub fn enroll(
+pub async fn enroll(
     client: &SchedulerClient,
     data_dir: &Path,
     enroll_secret: &Secret,
-    info: &HostInfo,
+    info: &NewHost,
 ) -> Result<Credentials, EnrollError> {
-    let enrolled = client.enroll(enroll_secret, info)?;
+    let enrolled = client.enroll(enroll_secret, info).await?;
     let creds = Credentials {
         host_id: enrolled.host.id,
         token: enrolled.token,

@@ -3,37 +3,16 @@
 //! VMM's messages and the job's output after the job, for the operator.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
+use hopper_api::LogName;
 use serde::{Deserialize, Serialize};
+
+use super::caplog;
 
 pub const JOBS: &str = "jobs";
 pub const LOGS: &str = "logs";
-
-/// The logs a job leaves in `logs/<id>/`, each `<name>.log`; the scheduler's API uses the same
-/// names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Log {
-    /// The VM's serial console.
-    Console,
-    /// The VMM's own messages.
-    Vmm,
-    /// The job command's output and the host's notes on the job.
-    Job,
-}
-
-impl Log {
-    pub const ALL: [Log; 3] = [Log::Console, Log::Vmm, Log::Job];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Log::Console => "console",
-            Log::Vmm => "vmm",
-            Log::Job => "job",
-        }
-    }
-}
 
 /// What a restarted daemon needs to know about a job directory it finds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,8 +50,8 @@ impl JobDir {
     fn record_file(&self) -> PathBuf {
         self.work.join("job.json")
     }
-    pub fn log(&self, log: Log) -> PathBuf {
-        self.logs.join(format!("{}.log", log.name()))
+    pub fn log(&self, log: LogName) -> PathBuf {
+        self.logs.join(log.file_name())
     }
 
     /// Creates both directories and the record. A work directory that exists already means a
@@ -106,13 +85,13 @@ impl JobDir {
 
     /// Appends a line to the job's log (the host's own notes between the job's output).
     pub fn note(&self, line: &str) {
-        let result = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log(Log::Job))
-            .and_then(|mut f| writeln!(f, "hopper-runner: {line}"));
-        if let Err(e) = result {
-            tracing::warn!(log = %self.log(Log::Job).display(), "cannot write the job log: {e}");
+        self.append(LogName::Job, format!("hopper-runner: {line}\n").as_bytes());
+    }
+
+    /// Appends to one of the job's logs, within its cap.
+    pub fn append(&self, log: LogName, data: &[u8]) {
+        if let Err(e) = caplog::append(&self.log(log), data) {
+            tracing::warn!(log = %self.log(log).display(), "cannot write the job's log: {e}");
         }
     }
 

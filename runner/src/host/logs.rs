@@ -3,37 +3,39 @@
 //! be followed and a host that dies mid-job has sent most of them. Best effort: a failed upload
 //! is a warning and changes nothing about the job.
 
-use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, SeekFrom};
 use std::path::Path;
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use reqwest::blocking::Body;
+use hopper_api::{LogName, Secret};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
-use super::api::SchedulerClient;
-use super::jobdir::{JobDir, Log};
-use super::secret::Secret;
+use super::caplog::KEEP;
+use super::client::SchedulerClient;
+use super::jobdir::JobDir;
 
-/// The scheduler keeps the last 8 MiB of a log, after redacting the job's JIT config in it.
-/// The extra 64 KiB make a JIT config that straddles the 8 MiB line arrive whole, so that it
-/// is redacted instead of half cut off; everything before that would be dropped there anyway.
-const UPLOAD_MAX: u64 = (8 << 20) + (64 << 10);
 /// How often the logs of a running job are sent.
 pub const FOLLOW_PERIOD: Duration = Duration::from_secs(30);
 
 /// Sends every log the job has.
-pub fn upload_all(client: &SchedulerClient, token: &Secret, dir: &JobDir, job: u64) {
-    for log in Log::ALL {
-        upload(client, token, dir, job, log);
+pub async fn upload_all(client: &SchedulerClient, token: &Secret, dir: &JobDir, job: u64) {
+    for log in LogName::ALL {
+        upload(client, token, dir, job, log).await;
     }
 }
 
 /// Sends the end of one log; false when there is no such log or it could not be sent.
-fn upload(client: &SchedulerClient, token: &Secret, dir: &JobDir, job: u64, log: Log) -> bool {
+async fn upload(
+    client: &SchedulerClient,
+    token: &Secret,
+    dir: &JobDir,
+    job: u64,
+    log: LogName,
+) -> bool {
     let path = dir.log(log);
-    let body = match tail(&path) {
+    let body = match tail(&path).await {
         Ok(Some(body)) => body,
         Ok(None) => return false,
         Err(e) => {
@@ -41,80 +43,84 @@ fn upload(client: &SchedulerClient, token: &Secret, dir: &JobDir, job: u64, log:
             return false;
         }
     };
-    match client.upload_log(token, job, log, body) {
+    match client.upload_log(token, job, log, body).await {
         Ok(()) => true,
         Err(e) => {
-            tracing::warn!(job, log = log.name(), "log upload failed: {e}");
+            tracing::warn!(job, log = log.as_str(), "log upload failed: {e}");
             false
         }
     }
 }
 
-/// The last [`UPLOAD_MAX`] bytes of a log file as a request body; `None` if there is no file.
-fn tail(path: &Path) -> io::Result<Option<Body>> {
-    let mut file = match File::open(path) {
+/// The last [`KEEP`] bytes of a log file (the scheduler keeps the last 8 MiB after redacting
+/// the JIT config; the margin lets a config across that line arrive whole); `None` if there is
+/// no file.
+async fn tail(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let mut file = match tokio::fs::File::open(path).await {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let len = file.metadata()?.len();
-    let start = len.saturating_sub(UPLOAD_MAX);
-    file.seek(SeekFrom::Start(start))?;
-    // The file may grow while it is sent: the body is the length measured here.
-    Ok(Some(Body::sized(file.take(len - start), len - start)))
+    let len = file.metadata().await?.len();
+    let start = len.saturating_sub(KEEP);
+    file.seek(SeekFrom::Start(start)).await?;
+    // The file may grow while it is read: the body is the length measured here.
+    let mut body = Vec::with_capacity((len - start) as usize);
+    file.take(len - start).read_to_end(&mut body).await?;
+    Ok(Some(body))
 }
 
-/// Sends a running job's logs that changed, every period, until dropped.
+/// Sends a running job's logs that changed, every period, until stopped.
 pub struct Follower {
-    stop: mpsc::Sender<()>,
-    thread: Option<JoinHandle<()>>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
 }
 
 impl Follower {
     pub fn start(
-        client: &SchedulerClient,
-        token: &Secret,
-        dir: &JobDir,
+        client: SchedulerClient,
+        token: Secret,
+        dir: JobDir,
         job: u64,
         period: Duration,
     ) -> Follower {
-        let (stop, stopped) = mpsc::channel();
-        let (client, token, dir) = (client.clone(), token.clone(), dir.clone());
-        let spawned = thread::Builder::new()
-            .name(format!("logs-{job}"))
-            .spawn(move || {
-                // Logs only grow, so an unchanged length means nothing new to send.
-                let mut sent = [None; Log::ALL.len()];
-                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(period) {
-                    for (log, sent) in Log::ALL.into_iter().zip(&mut sent) {
-                        let len = fs::metadata(dir.log(log)).ok().map(|m| m.len());
-                        if len != *sent && upload(&client, &token, &dir, job, log) {
-                            *sent = len;
-                        }
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            // Logs grow or are cut at their cap, so an unchanged length means nothing new.
+            let mut sent = [None; LogName::ALL.len()];
+            loop {
+                tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    _ = tokio::time::sleep(period) => {}
+                }
+                for (log, sent) in LogName::ALL.into_iter().zip(&mut sent) {
+                    let len = tokio::fs::metadata(dir.log(log))
+                        .await
+                        .ok()
+                        .map(|m| m.len());
+                    if len != *sent && upload(&client, &token, &dir, job, log).await {
+                        *sent = len;
                     }
                 }
-            });
-        let thread = spawned
-            .inspect_err(|e| tracing::warn!(job, "cannot start sending the job's logs: {e}"))
-            .ok();
-        Follower { stop, thread }
+            }
+        });
+        Follower { stop, task }
     }
-}
 
-impl Drop for Follower {
-    /// Waits for an upload in flight, so that it cannot land after, and overwrite, the final one.
-    fn drop(&mut self) {
-        let _ = self.stop.send(());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+    /// Stops, after an upload in flight, so that it cannot land after, and overwrite, the
+    /// final one.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader, Write};
+    use std::fs;
+    use std::io::{BufRead, BufReader, Read, Write};
     use std::net::TcpListener;
     use std::path::PathBuf;
     use std::sync::{Arc, Mutex};
@@ -129,7 +135,7 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let seen: Arc<Mutex<Vec<Request>>> = Arc::default();
         let record = seen.clone();
-        thread::spawn(move || {
+        std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let mut stream = BufReader::new(stream.unwrap());
                 let (mut line, mut auth, mut len) = (String::new(), String::new(), 0);
@@ -167,14 +173,14 @@ mod tests {
         (root, dir)
     }
 
-    #[test]
-    fn every_present_log_is_sent_up_to_its_last_bytes() {
+    #[tokio::test]
+    async fn every_present_log_is_sent_up_to_its_last_bytes() {
         let (client, seen) = scheduler();
         let (root, dir) = job_dir("all");
-        let console: Vec<u8> = (0..UPLOAD_MAX + 1000).map(|i| (i % 251) as u8).collect();
-        fs::write(dir.log(Log::Console), &console).unwrap();
-        fs::write(dir.log(Log::Job), b"job output\n").unwrap();
-        upload_all(&client, &Secret::new("hht_test"), &dir, 7);
+        let console: Vec<u8> = (0..KEEP + 1000).map(|i| (i % 251) as u8).collect();
+        fs::write(dir.log(LogName::Console), &console).unwrap();
+        fs::write(dir.log(LogName::Job), b"job output\n").unwrap();
+        upload_all(&client, &Secret::new("hht_test"), &dir, 7).await;
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 2, "no vmm.log, no upload of it");
         assert_eq!(seen[0].0, "PUT /api/v1/host/jobs/7/logs/console HTTP/1.1");
@@ -185,42 +191,43 @@ mod tests {
         fs::remove_dir_all(root).unwrap();
     }
 
-    #[test]
-    fn a_follower_sends_logs_that_grew_until_it_is_dropped() {
+    #[tokio::test]
+    async fn a_follower_sends_logs_that_grew_until_it_is_stopped() {
         let (client, seen) = scheduler();
         let (root, dir) = job_dir("follow");
         let requests = |n: usize| {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while seen.lock().unwrap().len() < n && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(10));
+            let seen = seen.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while seen.lock().unwrap().len() < n && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let bodies: Vec<Vec<u8>> =
+                    seen.lock().unwrap().iter().map(|r| r.2.clone()).collect();
+                bodies
             }
-            seen.lock()
-                .unwrap()
-                .iter()
-                .map(|r| r.2.clone())
-                .collect::<Vec<_>>()
         };
         let period = Duration::from_millis(20);
         // Each line lands whole (one write), as the follower may look at any time; the file
         // is renamed into place so that it never exists empty.
-        let log = dir.log(Log::Job);
+        let log = dir.log(LogName::Job);
         let append = |line: &[u8]| {
             let mut f = fs::OpenOptions::new().append(true).open(&log).unwrap();
             f.write_all(line).unwrap();
         };
-        let follower = Follower::start(&client, &Secret::new("t"), &dir, 7, period);
+        let follower = Follower::start(client, Secret::new("t"), dir.clone(), 7, period);
         fs::write(dir.logs.join("new"), b"one\n").unwrap();
         fs::rename(dir.logs.join("new"), &log).unwrap();
-        assert_eq!(requests(1), vec![b"one\n".to_vec()]);
+        assert_eq!(requests(1).await, vec![b"one\n".to_vec()]);
         // Unchanged: not sent again.
-        thread::sleep(period * 10);
-        assert_eq!(requests(1).len(), 1);
+        tokio::time::sleep(period * 10).await;
+        assert_eq!(requests(1).await.len(), 1);
         append(b"two\n");
-        assert_eq!(requests(2)[1], b"one\ntwo\n");
-        drop(follower);
+        assert_eq!(requests(2).await[1], b"one\ntwo\n");
+        follower.stop().await;
         append(b"three\n");
-        thread::sleep(period * 10);
-        assert_eq!(requests(2).len(), 2, "nothing is sent after the drop");
+        tokio::time::sleep(period * 10).await;
+        assert_eq!(requests(2).await.len(), 2, "nothing is sent after the stop");
         fs::remove_dir_all(root).unwrap();
     }
 }

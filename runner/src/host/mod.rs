@@ -1,31 +1,40 @@
 //! `hopper-runner host`: the runner host daemon. It enrolls with the scheduler, heartbeats,
 //! long-polls for assignments and runs each job in its own microVM, several at once up to the
-//! capacity it announced (the scheduler places no more than that on it).
+//! capacity it announced (the scheduler places no more than that on it). It runs on tokio: one
+//! task per job, and one cancellation token that SIGTERM or SIGINT fires, which stops every job
+//! (VM stopped, resources removed, job reported) before the daemon exits.
 
-mod api;
+mod caplog;
+mod client;
 mod enroll;
 mod job;
 mod jobdir;
 mod logs;
 mod netslot;
 mod recover;
-mod secret;
+mod resources;
 mod vm;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::thread;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use hopper_api::{NewHost, Secret};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
-use api::{ApiError, HostInfo, SchedulerClient};
+use client::{ApiError, SchedulerClient};
 use job::JobContext;
 use netslot::NetSlots;
-use secret::Secret;
 use vm::Images;
+
+/// How long stopping jobs (VM stopped, logs uploaded, job reported) may take on SIGTERM before
+/// the daemon exits anyway.
+const STOP_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Args)]
 pub struct HostArgs {
@@ -77,16 +86,6 @@ pub struct HostArgs {
     job_timeout: u64,
 }
 
-fn read_secret(path: &Path) -> anyhow::Result<Secret> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the enrollment secret file {}", path.display()))?;
-    let value = text.trim();
-    if value.is_empty() {
-        bail!("the enrollment secret file {} is empty", path.display());
-    }
-    Ok(Secret::new(value))
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -129,12 +128,12 @@ fn images(args: &HostArgs) -> anyhow::Result<Images> {
 
 pub fn run(args: HostArgs) -> anyhow::Result<()> {
     // Everything is checked before anything is changed or sent.
-    let enroll_secret = read_secret(&args.enroll_secret_file)?;
+    let enroll_secret = Secret::from_file(&args.enroll_secret_file)?;
     let images = images(&args)?;
     let vcpus = match args.vcpus {
         Some(0) => bail!("--vcpus must be at least 1"),
         Some(n) => n,
-        None => thread::available_parallelism()
+        None => std::thread::available_parallelism()
             .map(|n| n.get() as u32)
             .unwrap_or(1),
     };
@@ -144,6 +143,15 @@ pub fn run(args: HostArgs) -> anyhow::Result<()> {
         None => total_memory_mb()?.saturating_sub(1024).max(128),
     };
     let name = args.name.clone().unwrap_or_else(hostname);
+    let info = NewHost {
+        name: name.clone(),
+        vcpus,
+        memory_mb,
+        labels: args.labels.clone(),
+        address: name,
+    };
+    info.validate()
+        .map_err(|e| anyhow::anyhow!("the scheduler would refuse this host: {e}"))?;
     let client = SchedulerClient::new(&args.scheduler).context("bad --scheduler")?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
@@ -151,16 +159,27 @@ pub fn run(args: HostArgs) -> anyhow::Result<()> {
             args.data_dir.display()
         )
     })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(args, client, enroll_secret, info, images))
+}
 
-    let info = HostInfo {
-        name: name.clone(),
-        vcpus,
-        memory_mb,
-        labels: args.labels.clone(),
-        address: name,
+async fn serve(
+    args: HostArgs,
+    client: SchedulerClient,
+    enroll_secret: Secret,
+    info: NewHost,
+    images: Images,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    watch_signals(stop.clone()).context("cannot handle signals")?;
+    let creds = tokio::select! {
+        creds = enroll_when_reachable(&client, &args.data_dir, &enroll_secret, &info) => creds?,
+        _ = stop.cancelled() => return Ok(()),
     };
-    let creds = enroll_when_reachable(&client, &args.data_dir, &enroll_secret, &info)?;
-    let ctx = JobContext {
+    let ctx = Arc::new(JobContext {
         client: client.clone(),
         token: creds.token.clone(),
         data_dir: args.data_dir.clone(),
@@ -171,38 +190,67 @@ pub fn run(args: HostArgs) -> anyhow::Result<()> {
         dns: std::fs::read_to_string("/etc/resolv.conf")
             .ok()
             .and_then(|c| netslot::host_nameserver(&c)),
-    };
+    });
     crate::network::install_guest_nat(netslot::GUEST_NET, netslot::TAP_PREFIX)
         .context("cannot give guests outbound network access")?;
-    recover::recover(&ctx).context("cannot clean up the jobs of the previous run")?;
-    tracing::info!(host = %creds.host_id, vcpus, memory_mb, scheduler = client.base(), "runner host ready");
+    recover::recover(&ctx)
+        .await
+        .context("cannot clean up the jobs of the previous run")?;
+    tracing::info!(host = %creds.host_id, vcpus = info.vcpus, memory_mb = info.memory_mb, scheduler = client.base(), "runner host ready");
 
-    let heartbeat = (
-        client.clone(),
-        creds.token.clone(),
+    tokio::spawn(heartbeat_loop(
+        client,
+        creds.token,
         creds.heartbeat_interval,
-    );
-    thread::Builder::new()
-        .name("heartbeat".into())
-        .spawn(move || heartbeat_loop(heartbeat.0, heartbeat.1, heartbeat.2))
-        .context("cannot start the heartbeat thread")?;
-    poll_loop(&ctx)
+        stop.clone(),
+    ));
+    let mut jobs = JoinSet::new();
+    let result = poll_loop(&ctx, &stop, &mut jobs).await;
+    // Whatever ended the loop ends the jobs too: no VM runs without its daemon.
+    stop.cancel();
+    if !jobs.is_empty() {
+        tracing::info!(jobs = jobs.len(), "stopping the running jobs");
+        let stopped = tokio::time::timeout(STOP_GRACE, async {
+            while jobs.join_next().await.is_some() {}
+        });
+        if stopped.await.is_err() {
+            tracing::error!("jobs still stopping after {STOP_GRACE:?}; killing their VMs");
+            jobs.shutdown().await;
+        }
+    }
+    tracing::info!("runner host stopped");
+    result
+}
+
+/// Fires `stop` on the first SIGTERM or SIGINT.
+fn watch_signals(stop: CancellationToken) -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{name}: stopping every job, then exiting");
+        stop.cancel();
+    });
+    Ok(())
 }
 
 /// Enrolls (or loads the stored credentials), waiting for a scheduler that is not up yet; any
 /// other refusal (wrong secret, bad host data) is final.
-fn enroll_when_reachable(
+async fn enroll_when_reachable(
     client: &SchedulerClient,
-    data_dir: &Path,
+    data_dir: &std::path::Path,
     secret: &Secret,
-    info: &HostInfo,
+    info: &NewHost,
 ) -> anyhow::Result<enroll::Credentials> {
     let mut wait = Duration::from_secs(1);
     loop {
-        match enroll::load_or_enroll(client, data_dir, secret, info) {
+        match enroll::load_or_enroll(client, data_dir, secret, info).await {
             Err(enroll::EnrollError::Api(e @ ApiError::Transport { .. })) => {
                 tracing::warn!("{e}; retrying in {wait:?}");
-                thread::sleep(wait);
+                tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(30));
             }
             other => return Ok(other?),
@@ -211,22 +259,48 @@ fn enroll_when_reachable(
 }
 
 /// Heartbeats while no long poll is open (e.g. when the host is full and jobs run long).
-fn heartbeat_loop(client: SchedulerClient, token: Secret, interval: Duration) {
+async fn heartbeat_loop(
+    client: SchedulerClient,
+    token: Secret,
+    interval: Duration,
+    stop: CancellationToken,
+) {
     loop {
-        thread::sleep(interval);
-        if let Err(e) = client.heartbeat(&token) {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        if let Err(e) = client.heartbeat(&token).await {
             tracing::warn!("heartbeat failed: {e}");
         }
     }
 }
 
-/// Takes assignments and starts a supervisor thread for each new job. Returns only when the
-/// scheduler no longer knows this host.
-fn poll_loop(ctx: &JobContext) -> anyhow::Result<()> {
-    let active: Arc<Mutex<HashSet<u64>>> = Arc::default();
+/// Takes assignments and starts a task for each new job. Returns when `stop` fires, or with an
+/// error when the scheduler no longer knows this host.
+async fn poll_loop(
+    ctx: &Arc<JobContext>,
+    stop: &CancellationToken,
+    jobs: &mut JoinSet<u64>,
+) -> anyhow::Result<()> {
+    let mut active = HashSet::new();
     let mut backoff = Duration::from_secs(1);
     loop {
-        let assignment = match ctx.client.next_assignment(&ctx.token) {
+        while let Some(done) = jobs.try_join_next() {
+            match done {
+                Ok(id) => {
+                    active.remove(&id);
+                }
+                // Its VMM was killed and its resources dropped with the task; the job stays
+                // failed at the scheduler once the host is found lost or restarted.
+                Err(e) => tracing::error!("a job task failed: {e}"),
+            }
+        }
+        let polled = tokio::select! {
+            polled = ctx.client.next_assignment(&ctx.token) => polled,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        let assignment = match polled {
             Ok(a) => {
                 backoff = Duration::from_secs(1);
                 a
@@ -237,7 +311,7 @@ fn poll_loop(ctx: &JobContext) -> anyhow::Result<()> {
             ),
             Err(e) => {
                 tracing::warn!("assignment poll failed, retrying in {backoff:?}: {e}");
-                thread::sleep(backoff);
+                tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
                 continue;
             }
@@ -246,26 +320,15 @@ fn poll_loop(ctx: &JobContext) -> anyhow::Result<()> {
         let id = a.job.id;
         // The scheduler repeats an assignment until its first status report arrives; the
         // pause keeps a slow report from turning this into a busy loop.
-        if !active.lock().unwrap_or_else(|e| e.into_inner()).insert(id) {
-            thread::sleep(Duration::from_millis(200));
+        if !active.insert(id) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
-        tracing::info!(job = id, vcpus = a.shape.vcpus, memory_gb = a.shape.memory_gb, image = %a.image, runner = %a.runner_name, "assignment");
-        let (job_ctx, job_active) = (ctx.clone(), active.clone());
-        let spawned = thread::Builder::new()
-            .name(format!("job-{id}"))
-            .spawn(move || {
-                job::supervise(&job_ctx, a);
-                job_active
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-            });
-        if let Err(e) = spawned {
-            // Not reported: the scheduler hands the job out again and the next poll retries.
-            tracing::error!(job = id, "cannot start a supervisor thread: {e}");
-            active.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-            thread::sleep(backoff);
-        }
+        tracing::info!(job = id, vcpus = a.shape.vcpus(), memory_gb = a.shape.memory_gb(), image = %a.image, runner = %a.runner_name, "assignment");
+        let (ctx, stop) = (ctx.clone(), stop.child_token());
+        jobs.spawn(async move {
+            job::supervise(ctx, a, stop).await;
+            id
+        });
     }
 }

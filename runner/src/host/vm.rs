@@ -1,23 +1,29 @@
 //! One job's VMM: `hopper-runner vm run` as a child process, so that a VMM crash takes down one
-//! job and never the daemon or the other jobs.
+//! job and never the daemon or the other jobs. Its console and messages come back through
+//! pipes into the job's capped logs; the child is awaited, never polled.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread;
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use hopper_agent::{AgentClient, ClientError};
+use hopper_api::{LogName, Shape};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
 
-use super::jobdir::{JobDir, Log};
+use super::caplog::CappedLog;
+use super::jobdir::JobDir;
 use super::netslot::NetSlot;
 
 /// The guest kernel's command line. `panic=-1`: a guest that panics reboots at once, which
 /// ends the VMM, instead of hanging until the job timeout.
 const CMDLINE: &str = "console=ttyS0 panic=-1 quiet root=/dev/vda";
+/// How often to look for the agent socket the VMM creates while it builds the VM.
+const SOCKET_POLL: Duration = Duration::from_millis(20);
 
 /// The guest image every job boots from; jobs get private copies of `rootfs`.
 #[derive(Debug, Clone)]
@@ -41,81 +47,101 @@ pub enum VmError {
 
 pub struct Vm {
     child: Child,
-    dir: JobDir,
+    pid: u32,
+    agent_socket: PathBuf,
+    /// Done when the VMM's output is all in the logs.
+    captures: Vec<JoinHandle<()>>,
 }
 
 impl Vm {
-    /// Starts the VMM on the job's private disk, with its network on `net`; the console goes
-    /// to the job's logs.
+    /// Starts the VMM on the job's private disk, with its network on `net` (whose TAP,
+    /// address and firewall the daemon has set up); the console goes to the job's logs.
     pub fn spawn(
         images: &Images,
-        cpus: u32,
-        memory_mib: u64,
+        shape: Shape,
         dir: &JobDir,
         net: &NetSlot,
         dns: Option<Ipv4Addr>,
     ) -> Result<Vm, VmError> {
         let exe = std::env::current_exe().map_err(VmError::Spawn)?;
-        let console = File::create(dir.log(Log::Console)).map_err(VmError::Spawn)?;
-        let vmm_log = File::create(dir.log(Log::Vmm)).map_err(VmError::Spawn)?;
-        let child = Command::new(exe)
+        let mut child = Command::new(exe)
             .args(["vm", "run", "--cmdline"])
             .arg(format!("{CMDLINE} {}", net.guest_kernel_args(dns)))
-            .args(["--tap", &net.tap(), "--host-ip", &net.host().to_string()])
+            .args(["--tap", &net.tap(), "--tap-prepared"])
             .arg("--kernel")
             .arg(&images.kernel)
             .arg("--initrd")
             .arg(&images.initrd)
             .arg("--rootfs")
             .arg(dir.disk())
-            .args([
-                "--cpus",
-                &cpus.to_string(),
-                "--memory",
-                &memory_mib.to_string(),
-            ])
+            .args(["--cpus", &shape.vcpus().to_string()])
+            .args(["--memory", &shape.memory_mib().to_string()])
             .arg("--agent-socket")
             .arg(dir.agent_socket())
             .arg("--api-socket")
             .arg(dir.api_socket())
             .stdin(Stdio::null())
-            .stdout(console)
-            .stderr(vmm_log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // A dropped job task (the daemon giving up on it) leaves no VMM behind.
+            .kill_on_drop(true)
             .spawn()
             .map_err(VmError::Spawn)?;
-        let vm = Vm {
-            child,
-            dir: dir.clone(),
-        };
+        let pid = child.id().expect("a child just spawned has its pid");
+        let stdout = child.stdout.take().expect("stdout was piped");
+        let stderr = child.stderr.take().expect("stderr was piped");
+        let stdout = File::from(stdout.into_owned_fd().map_err(VmError::Spawn)?);
+        let stderr = File::from(stderr.into_owned_fd().map_err(VmError::Spawn)?);
+        let captures = vec![
+            capture(stdout, dir, LogName::Console),
+            capture(stderr, dir, LogName::Vmm),
+        ];
         // A restarted daemon finds the VMM by this file (see recover.rs).
-        vm.dir.write_pid(vm.child.id()).map_err(VmError::Spawn)?;
-        Ok(vm)
+        dir.write_pid(pid).map_err(VmError::Spawn)?;
+        Ok(Vm {
+            child,
+            pid,
+            agent_socket: dir.agent_socket(),
+            captures,
+        })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 
     /// Connects to the guest agent and waits until it is ready, giving up early if the VMM
     /// exits.
-    pub fn connect_agent(&mut self, timeout: Duration) -> Result<AgentClient<UnixStream>, VmError> {
+    pub async fn connect_agent(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<AgentClient<UnixStream>, VmError> {
         let deadline = Instant::now() + timeout;
-        // The VMM creates the socket while it builds the VM.
         let stream = loop {
             if let Some(status) = self.exited() {
                 return Err(VmError::ExitedEarly(status));
             }
-            match UnixStream::connect(self.dir.agent_socket()) {
+            match UnixStream::connect(&self.agent_socket) {
                 Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(SOCKET_POLL).await,
                 Err(_) => return Err(VmError::AgentTimeout(timeout)),
             }
         };
-        let mut agent = AgentClient::new(stream);
         let left = deadline.saturating_duration_since(Instant::now());
-        match agent.wait_ready(left) {
-            Ok(_) => Ok(agent),
-            Err(_) if self.wait_timeout(Duration::from_millis(200)).is_some() => {
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut agent = AgentClient::new(stream);
+            agent.wait_ready(left).map(|_| agent)
+        })
+        .await
+        .expect("the agent handshake does not panic");
+        match ready {
+            Ok(agent) => Ok(agent),
+            Err(_)
+                if self
+                    .wait_timeout(Duration::from_millis(200))
+                    .await
+                    .is_some() =>
+            {
                 Err(VmError::ExitedEarly(self.exited().expect("just exited")))
             }
             Err(ClientError::Timeout(_)) => Err(VmError::AgentTimeout(timeout)),
@@ -123,39 +149,60 @@ impl Vm {
         }
     }
 
-    pub fn exited(&mut self) -> Option<ExitStatus> {
+    fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 
     /// Waits up to `timeout` for the VMM to exit on its own.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.exited() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+    pub async fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 
-    /// Kills the VMM (the guest's power is cut) and reaps it.
-    pub fn kill(&mut self) -> io::Result<ExitStatus> {
-        if let Some(status) = self.exited() {
-            return Ok(status);
+    /// Kills the VMM (the guest's power is cut) unless it has exited, reaps it, and waits
+    /// until its last output is in the logs.
+    pub async fn kill(&mut self) -> io::Result<ExitStatus> {
+        let status = match self.exited() {
+            Some(status) => status,
+            None => {
+                self.child.kill().await?;
+                self.child.wait().await?
+            }
+        };
+        for capture in self.captures.drain(..) {
+            let _ = capture.await;
         }
-        self.child.kill()?;
-        self.child.wait()
+        Ok(status)
     }
 }
 
-impl Drop for Vm {
-    /// No VMM outlives its supervisor, whatever path the supervisor leaves by.
-    fn drop(&mut self) {
-        if let Err(e) = self.kill() {
-            tracing::error!(pid = self.child.id(), "cannot kill the VMM: {e}");
+/// Copies what the VMM writes on one pipe into one of the job's logs, within the log's cap,
+/// until the VMM closes the pipe (it exits).
+fn capture(mut pipe: File, dir: &JobDir, log: LogName) -> JoinHandle<()> {
+    let path = dir.log(log);
+    tokio::task::spawn_blocking(move || {
+        let mut out = match CappedLog::open(&path) {
+            Ok(out) => Some(out),
+            Err(e) => {
+                tracing::warn!(log = %path.display(), "cannot open the log; its output is dropped: {e}");
+                None
+            }
+        };
+        let mut buf = vec![0; 64 << 10];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if let Some(Err(e)) = out.as_mut().map(|o| o.append(&buf[..n])) {
+                        tracing::warn!(log = %path.display(), "cannot write the log; its output is dropped: {e}");
+                        out = None;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
         }
-    }
+    })
 }

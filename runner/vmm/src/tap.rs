@@ -10,6 +10,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const ARPHRD_ETHER: u16 = 1;
 const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
@@ -134,6 +135,21 @@ impl Tap {
             self.file.as_raw_fd(),
             libc::SIOCSIFHWADDR,
             &req as *const IfReqHwAddr as *const libc::c_void,
+        )
+        .map_err(|source| TapError::Configure {
+            name: self.name.clone(),
+            source,
+        })
+    }
+
+    /// A persistent device outlives its handles: whoever made it persistent must undo that,
+    /// and the device goes when its last handle closes.
+    pub fn set_persistent(&self, persistent: bool) -> Result<(), TapError> {
+        // TUNSETPERSIST takes its flag as the argument's value, not through a pointer.
+        ioctl(
+            self.file.as_raw_fd(),
+            TUNSETPERSIST,
+            usize::from(persistent) as *const libc::c_void,
         )
         .map_err(|source| TapError::Configure {
             name: self.name.clone(),

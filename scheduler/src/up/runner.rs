@@ -24,6 +24,8 @@ const TESTHOST_VCPUS: u32 = 2;
 const TESTHOST_MEMORY_MB: u32 = 4096;
 /// How long a test host may take to stop (it finishes booting first) before it is killed.
 const TESTHOST_STOP_GRACE: Duration = Duration::from_secs(300);
+/// How long a direct runner host may take to stop its jobs (it allows itself 60 s).
+const DIRECT_STOP_GRACE: Duration = Duration::from_secs(90);
 
 /// Which runner host to start, the program that is it, and why when it was chosen for us.
 pub struct Plan {
@@ -246,24 +248,39 @@ impl RunnerHost {
         }
     }
 
-    /// Stops the runner host. A test host is asked (its standard input closes) and given time:
-    /// its QEMU must not outlive it. A second Ctrl-C or SIGTERM kills it at once. A direct
-    /// runner host has no clean stop: it is killed, and its next start stops the VMs it left.
+    /// Stops the runner host and gives it time. A test host is asked by closing its standard
+    /// input (its QEMU must not outlive it); a direct runner host gets SIGTERM, stops its jobs'
+    /// VMs and reports them. A second Ctrl-C or SIGTERM kills it at once.
     pub async fn stop(mut self, progress: Progress) {
         if self.child.try_wait().ok().flatten().is_some() {
             return;
         }
-        if self.kind == Kind::TestHost {
-            progress.line("stopping the test host (Ctrl-C again to kill it at once)");
-            drop(self.stdin.take());
-            tokio::select! {
-                _ = self.child.wait() => return,
-                _ = tokio::time::sleep(TESTHOST_STOP_GRACE) => {
-                    progress.line("the test host did not stop in time; killing it");
+        let (what, grace) = match self.kind {
+            Kind::TestHost => {
+                drop(self.stdin.take());
+                ("test host", TESTHOST_STOP_GRACE)
+            }
+            Kind::Direct => {
+                let pid = self
+                    .child
+                    .id()
+                    .and_then(|p| rustix::process::Pid::from_raw(p as i32));
+                if let Some(pid) = pid {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
                 }
-                _ = shutdown_signal() => {
-                    progress.line("killing the test host; its QEMU process may be left running");
-                }
+                ("runner host", DIRECT_STOP_GRACE)
+            }
+        };
+        progress.line(format!(
+            "stopping the {what} (Ctrl-C again to kill it at once)"
+        ));
+        tokio::select! {
+            _ = self.child.wait() => return,
+            _ = tokio::time::sleep(grace) => {
+                progress.line(format!("the {what} did not stop in time; killing it"));
+            }
+            _ = shutdown_signal() => {
+                progress.line(format!("killing the {what}; what it ran may be left running"));
             }
         }
         let _ = self.child.kill().await;

@@ -79,6 +79,15 @@ fn workflow_job(action: &str, id: u64, labels: &[&str]) -> Value {
 
 /// The scheduler with a GitHub App whose API is the stand-in, and a runner host enrolled from
 /// a test host.
+/// What the host's jobs left behind.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    pub vmms: usize,
+    pub dirs: usize,
+    pub taps: usize,
+    pub tables: usize,
+}
+
 pub struct Setup {
     _rt: tokio::runtime::Runtime,
     pub github: StandIn,
@@ -257,28 +266,45 @@ impl Setup {
         Ok(self.github.state.jit_configs.lock().unwrap()[index].clone())
     }
 
-    /// Number of VMM processes in the test host, and job work directories left.
-    pub fn leftovers(&self) -> anyhow::Result<(usize, usize)> {
+    /// What the host's jobs left: VMM processes, job work directories, guest TAP devices and
+    /// guest firewall tables.
+    pub fn leftovers(&self) -> anyhow::Result<Leftovers> {
         // `[e]`: the pattern does not match this script's own command line.
         let out = self.host.sh(&format!(
-            "grep -l -- --agent-sock[e]t /proc/[0-9]*/cmdline 2>/dev/null | wc -l; ls {DATA}/jobs | wc -l"
+            "grep -l -- --agent-sock[e]t /proc/[0-9]*/cmdline 2>/dev/null | wc -l; ls {DATA}/jobs | wc -l; \
+             ls /sys/class/net | grep -c '^hjob' || true; nft list tables | grep -c hopper_hjob || true"
         ))?;
         let n: Vec<usize> = out
             .split_whitespace()
             .filter_map(|n| n.parse().ok())
             .collect();
         match n[..] {
-            [vmms, dirs] => Ok((vmms, dirs)),
+            [vmms, dirs, taps, tables] => Ok(Leftovers {
+                vmms,
+                dirs,
+                taps,
+                tables,
+            }),
             _ => bail!("unexpected output {out:?}"),
         }
     }
 
-    /// Asserts that no VMM process and no job work directory is left (`what` names them in
-    /// the failure message). Counts once, so the message shows what the check saw.
+    /// Asserts that nothing of a job is left (`what` names the moment in the failure message).
+    /// Counts once, so the message shows what the check saw.
     pub fn assert_nothing_left(&self, what: &str) -> anyhow::Result<()> {
         let left = self.leftovers()?;
-        ensure!(left == (0, 0), "{what} left: {left:?}");
+        ensure!(left == Leftovers::default(), "{what}: left {left:?}");
         Ok(())
+    }
+
+    /// Waits (up to `timeout`) until nothing of a job is left, for cleanup that follows an
+    /// event the test caused.
+    pub fn wait_nothing_left(&self, what: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.leftovers()? != Leftovers::default() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        self.assert_nothing_left(what)
     }
 
     /// Asserts that no secret of this run appears in the runner host's log.
