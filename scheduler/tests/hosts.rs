@@ -7,11 +7,11 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::github::{app_key, forged_jwt_rejected, RemoteJob, StandIn};
 use common::host::HostClient;
 use common::{
     metric, workflow_job, Scheduler, APP_ID, ENROLL_SECRET, INSTALLATION_ID, WEBHOOK_SECRET,
 };
+use hopper_test_support::github::{app_key, forged_jwt_rejected, RemoteJob, StandIn};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
