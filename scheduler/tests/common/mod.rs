@@ -2,6 +2,7 @@
 //! The GitHub stand-in and the fixtures' location are hopper-test-support's.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod app;
 pub mod host;
 
 use std::io::{BufRead, BufReader};

@@ -54,6 +54,9 @@ pub struct GhState {
     pub deleted_runners: Mutex<Vec<u64>>,
     /// Answer this many generate-jitconfig calls with 503 + Retry-After first.
     pub fail_jit: AtomicU32,
+    /// Repositories ("owner/name") whose generate-jitconfig calls are checked and recorded like
+    /// any other, then never answered: a GitHub that stopped responding mid-request.
+    pub hang_jit: Mutex<Vec<String>>,
     pub repositories: Mutex<Vec<String>>,
     pub jobs: Mutex<Vec<RemoteJob>>,
     next_runner: AtomicU64,
@@ -79,6 +82,7 @@ impl StandIn {
             jit_configs: Mutex::new(Vec::new()),
             deleted_runners: Mutex::new(Vec::new()),
             fail_jit: AtomicU32::new(0),
+            hang_jit: Mutex::new(Vec::new()),
             repositories: Mutex::new(Vec::new()),
             jobs: Mutex::new(Vec::new()),
             next_runner: AtomicU64::new(1000),
@@ -255,6 +259,13 @@ async fn handle(
             (StatusCode::CREATED, axum::Json(v)).into_response()
         }
         "/repos/{owner}/{repo}/actions/runners/generate-jitconfig" | "/orgs/{org}/actions/runners/generate-jitconfig" => {
+            let hangs = template.starts_with("/repos/") && {
+                let repo = format!("{}/{}", segs[2], segs[3]);
+                st.hang_jit.lock().unwrap().contains(&repo)
+            };
+            if hangs {
+                std::future::pending::<()>().await;
+            }
             if st.fail_jit.load(Ordering::SeqCst) > 0 {
                 st.fail_jit.fetch_sub(1, Ordering::SeqCst);
                 let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable");
