@@ -78,6 +78,11 @@ pub struct SchedulerOptions {
     /// How often to compare the store with GitHub's view and remove finished runners.
     #[arg(long, env = "HOPPER_RECONCILE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
+    /// How long one job's runner registration at GitHub may take, retries included; past it
+    /// the job goes back to the queue and is tried again 30 s later. Other jobs never wait
+    /// for it.
+    #[arg(long, env = "HOPPER_REGISTRATION_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub registration_timeout: Duration,
     /// A host silent for this long is marked lost, and its jobs with it.
     #[arg(long, env = "HOPPER_HOST_LOST_AFTER", default_value = "60s", value_parser = parse_duration)]
     pub host_lost_after: Duration,

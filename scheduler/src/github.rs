@@ -1,6 +1,8 @@
 //! GitHub App client: App JWT (RS256, by octocrab), installation tokens (cached by octocrab per
 //! installation and re-minted 30 s before expiry), JIT runner configs, runner removal, and the
-//! listings reconciliation needs. Every call backs off on 5xx, rate limits and `Retry-After`.
+//! listings reconciliation needs. Every call backs off on 5xx, rate limits and `Retry-After`;
+//! every connection has connect, read and write timeouts (installation clients share the App
+//! client's connections, and so its timeouts).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,6 +25,14 @@ const PAGE_SIZE: usize = 100;
 const MAX_PAGES: usize = 50;
 /// Longest single wait; a longer `Retry-After` is cut to this and the call retried anyway.
 const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Longest wait for a connection to GitHub (TCP and TLS): a healthy API connects in well
+/// under a second, so this only ends connections to an address that swallows packets.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest silence while GitHub answers (or takes our request's bytes) before the request is
+/// given up and retried: long enough for GitHub's slow listings, short enough that a stalled
+/// connection does not hold a call forever.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitHubError {
@@ -119,6 +129,9 @@ impl GitHub {
             .base_uri(api_url)
             .map_err(|e| GitHubError::Url(e.to_string()))?
             .app(AppId(app_id), key)
+            .set_connect_timeout(Some(CONNECT_TIMEOUT))
+            .set_read_timeout(Some(READ_TIMEOUT))
+            .set_write_timeout(Some(WRITE_TIMEOUT))
             .build()
             .map_err(|e| GitHubError::Url(e.to_string()))?;
         Ok(GitHub {

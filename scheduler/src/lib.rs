@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod config;
+pub mod duties;
 pub mod github;
 pub mod joblogs;
 pub mod labels;

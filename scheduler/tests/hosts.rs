@@ -7,40 +7,13 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::github::{app_key, forged_jwt_rejected, RemoteJob, StandIn};
+use common::app::{setup, Setup};
 use common::host::HostClient;
-use common::{
-    metric, workflow_job, Scheduler, APP_ID, ENROLL_SECRET, INSTALLATION_ID, WEBHOOK_SECRET,
-};
+use common::{metric, workflow_job, Scheduler, ENROLL_SECRET, INSTALLATION_ID, WEBHOOK_SECRET};
+use hopper_test_support::github::{app_key, forged_jwt_rejected, RemoteJob};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-struct Setup {
-    s: Scheduler,
-    gh: StandIn,
-    _dir: tempfile::TempDir,
-}
-
-async fn setup(extra: &[&str]) -> Setup {
-    let gh = StandIn::start(APP_ID, INSTALLATION_ID).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("app.pem");
-    std::fs::write(&key, &app_key().0).unwrap();
-    let app_id = APP_ID.to_string();
-    let key_path = key.display().to_string();
-    let mut args = vec![
-        "--github-api-url",
-        gh.url.as_str(),
-        "--app-id",
-        &app_id,
-        "--app-private-key",
-        &key_path,
-    ];
-    args.extend_from_slice(extra);
-    let s = Scheduler::start(dir.path(), &args);
-    Setup { s, gh, _dir: dir }
-}
 
 fn body(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap()

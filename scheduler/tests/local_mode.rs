@@ -10,9 +10,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::github::{app_key, StandIn};
 use common::host::HostClient;
 use common::{sign, workflow_job, Scheduler, APP_ID, INSTALLATION_ID, UP_DATA_DIR};
+use hopper_test_support::github::{app_key, StandIn};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);

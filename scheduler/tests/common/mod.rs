@@ -1,7 +1,8 @@
-//! Shared test support: the npm fixtures, the scheduler binary as a child process, signing.
+//! Shared test support: the webhook examples, the scheduler binary as a child process, signing.
+//! The GitHub stand-in and the fixtures' location are hopper-test-support's.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
-pub mod github;
+pub mod app;
 pub mod host;
 
 use std::io::{BufRead, BufReader};
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
+use hopper_test_support::fixtures::octokit_dir;
 use serde_json::Value;
 use sha2::Sha256;
 
@@ -19,24 +21,11 @@ pub const ENROLL_SECRET: &str = "test-enroll-secret-9d8e7f";
 pub const INSTALLATION_ID: u64 = 42;
 pub const APP_ID: u64 = 4242;
 
-/// The npm packages fetched by tests/setup.sh. Missing fixtures fail the test loudly.
-pub fn fixtures_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_modules/@octokit");
-    for pkg in ["webhooks-examples", "openapi"] {
-        assert!(
-            dir.join(pkg).join("package.json").is_file(),
-            "test fixtures missing: {} not found. Run tests/setup.sh (or scheduler/tests/fixtures/fetch.sh) first.",
-            dir.join(pkg).display()
-        );
-    }
-    dir
-}
-
 /// All example payloads of `@octokit/webhooks-examples` for api.github.com, by event name.
 pub fn webhook_examples() -> &'static Vec<Value> {
     static EXAMPLES: OnceLock<Vec<Value>> = OnceLock::new();
     EXAMPLES.get_or_init(|| {
-        let path = fixtures_dir().join("webhooks-examples/api.github.com/index.json");
+        let path = octokit_dir().join("webhooks-examples/api.github.com/index.json");
         let text = std::fs::read_to_string(&path).unwrap();
         serde_json::from_str(&text).unwrap()
     })
@@ -65,15 +54,6 @@ pub fn workflow_job(action: &str, job_id: u64, labels: &[&str]) -> Value {
     ex["installation"] =
         serde_json::json!({"id": INSTALLATION_ID, "node_id": "MDIzOkludGVncmF0aW9uNDI="});
     ex
-}
-
-/// GitHub's REST OpenAPI description (api.github.com).
-pub fn openapi() -> &'static Value {
-    static DOC: OnceLock<Value> = OnceLock::new();
-    DOC.get_or_init(|| {
-        let path = fixtures_dir().join("openapi/generated/api.github.com.json");
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
-    })
 }
 
 /// `X-Hub-Signature-256` computed as GitHub does, independently of the scheduler's code.

@@ -1,42 +1,16 @@
 //! What the job-path tests and benchmark share: the scheduler with a GitHub App whose API is
-//! the scheduler's own stand-in (scheduler/tests/common/github.rs, included as it is: it only
-//! serves operations of GitHub's OpenAPI description and checks the App JWT and installation
-//! tokens), real `workflow_job` payloads, and a runner host enrolled from a test host.
+//! the stand-in the scheduler's tests use too (hopper-test-support: it only serves operations
+//! of GitHub's OpenAPI description and checks the App JWT and installation tokens), real
+//! `workflow_job` payloads, and a runner host enrolled from a test host.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
+use hopper_test_support::fixtures::octokit_dir;
+use hopper_test_support::github::{app_key, RemoteJob, StandIn};
 use hopper_tests::{SchedulerProcess, TestHost, TestHostOptions};
 use serde_json::Value;
-
-/// The npm fixtures fetched by tests/setup.sh (scheduler/tests/fixtures/fetch.sh).
-fn octokit_dir() -> std::path::PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../scheduler/tests/fixtures/node_modules/@octokit");
-    assert!(
-        dir.join("openapi/package.json").is_file()
-            && dir.join("webhooks-examples/package.json").is_file(),
-        "test fixtures missing in {}: run tests/setup.sh",
-        dir.display()
-    );
-    dir
-}
-
-/// GitHub's REST OpenAPI description, which github.rs takes from its parent module.
-fn openapi() -> &'static Value {
-    static DOC: OnceLock<Value> = OnceLock::new();
-    DOC.get_or_init(|| {
-        let path = octokit_dir().join("openapi/generated/api.github.com.json");
-        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-    })
-}
-
-#[path = "../../../scheduler/tests/common/github.rs"]
-#[allow(dead_code)] // the scheduler's tests use more of it
-mod github;
-
-use github::{app_key, RemoteJob, StandIn};
 
 const APP_ID: u64 = 4242;
 const INSTALLATION_ID: u64 = 42;

@@ -3,34 +3,24 @@
 //! (`@octokit/openapi`), checks request bodies against the description's schemas, verifies the
 //! App JWT's RS256 signature with the App's public key, and checks installation tokens.
 
+mod auth;
+mod schema;
+
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::DecodingKey;
 use serde_json::{json, Value};
 
-use super::openapi;
+pub use auth::{app_key, forged_jwt_rejected};
+use auth::{bearer, verify_app_jwt};
+use schema::{match_template, resolve, validate};
 
-/// An RSA key pair generated once per test binary: (private PEM, public PEM).
-pub fn app_key() -> &'static (String, String) {
-    static KEY: OnceLock<(String, String)> = OnceLock::new();
-    KEY.get_or_init(|| {
-        use rsa::pkcs1::{EncodeRsaPrivateKey, EncodeRsaPublicKey};
-        let private = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap();
-        let public = rsa::RsaPublicKey::from(&private);
-        (
-            private
-                .to_pkcs1_pem(rsa::pkcs1::LineEnding::LF)
-                .unwrap()
-                .to_string(),
-            public.to_pkcs1_pem(rsa::pkcs1::LineEnding::LF).unwrap(),
-        )
-    })
-}
+use crate::fixtures::openapi;
 
 #[derive(Debug, Clone)]
 pub struct Recorded {
@@ -64,6 +54,9 @@ pub struct GhState {
     pub deleted_runners: Mutex<Vec<u64>>,
     /// Answer this many generate-jitconfig calls with 503 + Retry-After first.
     pub fail_jit: AtomicU32,
+    /// Repositories ("owner/name") whose generate-jitconfig calls are checked and recorded like
+    /// any other, then never answered: a GitHub that stopped responding mid-request.
+    pub hang_jit: Mutex<Vec<String>>,
     pub repositories: Mutex<Vec<String>>,
     pub jobs: Mutex<Vec<RemoteJob>>,
     next_runner: AtomicU64,
@@ -89,6 +82,7 @@ impl StandIn {
             jit_configs: Mutex::new(Vec::new()),
             deleted_runners: Mutex::new(Vec::new()),
             fail_jit: AtomicU32::new(0),
+            hang_jit: Mutex::new(Vec::new()),
             repositories: Mutex::new(Vec::new()),
             jobs: Mutex::new(Vec::new()),
             next_runner: AtomicU64::new(1000),
@@ -96,7 +90,7 @@ impl StandIn {
         let st = state.clone();
         let app = Router::new().fallback(move |m: Method, u: Uri, h: HeaderMap, b: Bytes| {
             let st = st.clone();
-            async move { handle(&st, m, u, h, b) }
+            async move { handle(&st, m, u, h, b).await }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -127,164 +121,6 @@ fn error(status: StatusCode, msg: &str) -> Response {
         axum::Json(json!({ "message": msg, "documentation_url": "https://docs.github.com/rest" })),
     )
         .into_response()
-}
-
-/// Finds the OpenAPI path template matching a concrete path.
-fn match_template(path: &str, method: &str) -> Option<(String, Value)> {
-    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    let paths = openapi()["paths"].as_object().unwrap();
-    for (template, item) in paths {
-        let t: Vec<&str> = template.split('/').collect();
-        if t.len() != segs.len() {
-            continue;
-        }
-        let fits = t
-            .iter()
-            .zip(&segs)
-            .all(|(a, b)| (a.starts_with('{') && a.ends_with('}') && !b.is_empty()) || a == b);
-        if fits {
-            if let Some(op) = item.get(method) {
-                return Some((template.clone(), op.clone()));
-            }
-        }
-    }
-    None
-}
-
-fn resolve<'a>(doc: &'a Value, reference: &str) -> &'a Value {
-    let mut v = doc;
-    for part in reference.trim_start_matches("#/").split('/') {
-        v = &v[part];
-    }
-    v
-}
-
-/// A small JSON Schema check covering what GitHub's request bodies use.
-pub fn validate(v: &Value, schema: &Value, at: &str, errs: &mut Vec<String>) {
-    let doc = openapi();
-    if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
-        return validate(v, resolve(doc, r), at, errs);
-    }
-    if let Some(t) = schema.get("type") {
-        let types: Vec<&str> = match t {
-            Value::String(s) => vec![s.as_str()],
-            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
-            _ => vec![],
-        };
-        let ok = types.iter().any(|t| match *t {
-            "string" => v.is_string(),
-            "integer" => v.is_i64() || v.is_u64(),
-            "number" => v.is_number(),
-            "boolean" => v.is_boolean(),
-            "object" => v.is_object(),
-            "array" => v.is_array(),
-            "null" => v.is_null(),
-            _ => false,
-        });
-        if !ok {
-            errs.push(format!("{at}: {v} is not of type {types:?}"));
-            return;
-        }
-    }
-    if let Some(en) = schema.get("enum").and_then(Value::as_array) {
-        if !en.contains(v) {
-            errs.push(format!("{at}: {v} not in {en:?}"));
-        }
-    }
-    if let Some(obj) = v.as_object() {
-        for req in schema
-            .get("required")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if !obj.contains_key(req.as_str().unwrap()) {
-                errs.push(format!("{at}: missing required {req}"));
-            }
-        }
-        let props = schema.get("properties").and_then(Value::as_object);
-        for (k, val) in obj {
-            match props.and_then(|p| p.get(k)) {
-                Some(s) => validate(val, s, &format!("{at}.{k}"), errs),
-                None if schema.get("additionalProperties") == Some(&Value::Bool(false)) => {
-                    errs.push(format!("{at}: unexpected property {k}"))
-                }
-                None => {}
-            }
-        }
-    }
-    if let Some(arr) = v.as_array() {
-        if let Some(min) = schema.get("minItems").and_then(Value::as_u64) {
-            if (arr.len() as u64) < min {
-                errs.push(format!("{at}: fewer than {min} items"));
-            }
-        }
-        if let Some(max) = schema.get("maxItems").and_then(Value::as_u64) {
-            if arr.len() as u64 > max {
-                errs.push(format!("{at}: more than {max} items"));
-            }
-        }
-        if let Some(items) = schema.get("items") {
-            for (i, item) in arr.iter().enumerate() {
-                validate(item, items, &format!("{at}[{i}]"), errs);
-            }
-        }
-    }
-    for s in schema
-        .get("allOf")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        validate(v, s, at, errs);
-    }
-    for key in ["anyOf", "oneOf"] {
-        if let Some(alts) = schema.get(key).and_then(Value::as_array) {
-            let any = alts.iter().any(|s| {
-                let mut e = Vec::new();
-                validate(v, s, at, &mut e);
-                e.is_empty()
-            });
-            if !any {
-                errs.push(format!("{at}: matches none of {key}"));
-            }
-        }
-    }
-}
-
-/// Verifies an App JWT the way GitHub does: RS256 signed by the App's key, `iss` = App id,
-/// `iat` not in the future, `exp` at most 10 minutes ahead.
-pub fn verify_app_jwt(st: &GhState, headers: &HeaderMap) -> Result<(), String> {
-    let token = bearer(headers).ok_or("no bearer token")?;
-    let mut validation = Validation::new(Algorithm::RS256);
-    // `iss` is checked below: GitHub takes it as a number, which jsonwebtoken's own check
-    // (strings only) would call missing.
-    validation.set_required_spec_claims(&["exp", "iat"]);
-    validation.leeway = 0;
-    let claims = jsonwebtoken::decode::<Value>(token, &st.decoding, &validation)
-        .map_err(|e| format!("JWT rejected: {e}"))?
-        .claims;
-    let iss_ok = claims["iss"] == json!(st.app_id) || claims["iss"] == json!(st.app_id.to_string());
-    let now = now_s() as i64;
-    let (iat, exp) = (
-        claims["iat"].as_i64().unwrap_or(i64::MAX),
-        claims["exp"].as_i64().unwrap_or(0),
-    );
-    if !iss_ok {
-        return Err(format!("iss {} is not app {}", claims["iss"], st.app_id));
-    }
-    if iat > now || exp > now + 600 || exp <= iat {
-        return Err(format!("bad iat/exp {iat}/{exp} at {now}"));
-    }
-    Ok(())
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get("authorization")?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
 }
 
 fn now_s() -> u64 {
@@ -319,7 +155,13 @@ fn example(name: &str) -> Value {
     openapi()["components"]["examples"][name]["value"].clone()
 }
 
-fn handle(st: &GhState, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    st: &GhState,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let path = uri.path().to_string();
     let m = method.as_str().to_ascii_lowercase();
     let Some((template, op)) = match_template(&path, &m) else {
@@ -417,6 +259,13 @@ fn handle(st: &GhState, method: Method, uri: Uri, headers: HeaderMap, body: Byte
             (StatusCode::CREATED, axum::Json(v)).into_response()
         }
         "/repos/{owner}/{repo}/actions/runners/generate-jitconfig" | "/orgs/{org}/actions/runners/generate-jitconfig" => {
+            let hangs = template.starts_with("/repos/") && {
+                let repo = format!("{}/{}", segs[2], segs[3]);
+                st.hang_jit.lock().unwrap().contains(&repo)
+            };
+            if hangs {
+                std::future::pending::<()>().await;
+            }
             if st.fail_jit.load(Ordering::SeqCst) > 0 {
                 st.fail_jit.fetch_sub(1, Ordering::SeqCst);
                 let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable");
@@ -499,42 +348,4 @@ fn job_json(j: &RemoteJob) -> Value {
         "conclusion": if j.status == "completed" { json!("success") } else { Value::Null },
         "labels": j.labels, "name": "build", "runner_id": null, "runner_name": null,
     })
-}
-
-/// Stand-in self-check: a JWT signed with another key or claims out of bounds is refused.
-pub fn forged_jwt_rejected(st: &GhState) {
-    use jsonwebtoken::{encode, EncodingKey, Header};
-    let key = EncodingKey::from_rsa_pem(app_key().0.as_bytes()).unwrap();
-    let now = now_s();
-    let good = encode(
-        &Header::new(Algorithm::RS256),
-        &json!({"iss": st.app_id, "iat": now - 60, "exp": now + 540}),
-        &key,
-    )
-    .unwrap();
-    let hdr = |t: &str| {
-        let mut h = HeaderMap::new();
-        h.insert("authorization", format!("Bearer {t}").parse().unwrap());
-        h
-    };
-    assert_eq!(verify_app_jwt(st, &hdr(&good)), Ok(()));
-    // Flip a character of the signature.
-    let mut forged = good.clone().into_bytes();
-    let last = forged.len() - 2;
-    forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
-    assert!(verify_app_jwt(st, &hdr(std::str::from_utf8(&forged).unwrap())).is_err());
-    let too_long = encode(
-        &Header::new(Algorithm::RS256),
-        &json!({"iss": st.app_id, "iat": now - 60, "exp": now + 3600}),
-        &key,
-    )
-    .unwrap();
-    assert!(verify_app_jwt(st, &hdr(&too_long)).is_err());
-    let other_app = encode(
-        &Header::new(Algorithm::RS256),
-        &json!({"iss": st.app_id + 1, "iat": now - 60, "exp": now + 540}),
-        &key,
-    )
-    .unwrap();
-    assert!(verify_app_jwt(st, &hdr(&other_app)).is_err());
 }
