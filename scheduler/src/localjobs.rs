@@ -5,6 +5,8 @@
 //! labels that cannot run are refused and nothing is stored.
 
 use serde::Deserialize;
+use utoipa::openapi::schema::{Array, ArrayBuilder, ObjectBuilder, Type};
+use utoipa::ToSchema;
 
 use crate::jobs::{Job, JobState};
 use crate::labels::{classify, LabelMatch};
@@ -19,14 +21,35 @@ const MAX_LABELS: usize = 100;
 const MAX_LABEL_LEN: usize = 128;
 
 /// The body of `POST /api/v1/jobs`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Submission {
     /// `runs-on` labels, e.g. `["hopper-1cpu-1gb"]`.
+    #[schema(schema_with = labels_schema)]
     pub labels: Vec<String>,
-    /// "owner/name", for the job's information only.
+    /// "owner/name", for the job's information only (it sees it as `HOPPER_REPOSITORY`).
     #[serde(default = "default_repository")]
+    #[schema(default = default_repository)]
     pub repository: String,
+}
+
+/// The schema of [`Submission::labels`], with the limits [`job_update`] checks.
+fn labels_schema() -> Array {
+    let label = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(MAX_LABEL_LEN))
+        .pattern(Some(r"^\S+$"));
+    ArrayBuilder::new()
+        .items(label)
+        .min_items(Some(1))
+        .max_items(Some(MAX_LABELS))
+        .description(Some(
+            "`runs-on` labels; one must name Hopper (`hopper`, `hopper-<N>cpu-<M>gb`, \
+             `hopper-<image>` with the default label prefix)",
+        ))
+        .examples([serde_json::json!(["hopper-1cpu-1gb"])])
+        .build()
 }
 
 fn default_repository() -> String {

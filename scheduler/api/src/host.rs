@@ -13,7 +13,10 @@ pub const MAX_MESSAGE_BYTES: usize = 4096;
 pub const DEFAULT_POLL_WAIT_S: u64 = 25;
 pub const MAX_POLL_WAIT_S: u64 = 60;
 
+/// `lost` once the host has been silent for longer than the scheduler's `--host-lost-after`; a
+/// heartbeat makes it `active` again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum HostState {
     Active,
@@ -30,13 +33,22 @@ impl HostState {
 }
 
 /// What a host declares when it enrolls.
+// The schema's limits are those `validate` checks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NewHost {
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub name: String,
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4096))]
     pub vcpus: u32,
+    #[cfg_attr(feature = "openapi", schema(minimum = 128, maximum = 67108864))]
     pub memory_mb: u64,
+    /// Guest images this host runs; empty means any.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_items = 64))]
     pub labels: Vec<String>,
+    /// Where this host can be reached (shown to operators).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 256))]
     pub address: String,
 }
 
@@ -67,6 +79,7 @@ impl NewHost {
 
 /// A host with what its jobs use of it. Holds no secrets (the token is kept only as a hash).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Host {
     pub id: String,
     pub name: String,
@@ -75,7 +88,9 @@ pub struct Host {
     pub labels: Vec<String>,
     pub address: String,
     pub state: HostState,
+    /// Milliseconds since the epoch.
     pub enrolled_at: i64,
+    /// Milliseconds since the epoch.
     pub last_heartbeat: i64,
     pub used_vcpus: u32,
     pub used_memory_mb: u64,
@@ -83,32 +98,42 @@ pub struct Host {
 
 /// The answer to an enrollment.
 #[derive(Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Enrolled {
     pub host: Host,
     /// The host's credential for every later call (`Authorization: Bearer …`). Shown once.
     #[serde(serialize_with = "serialize_exposed")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub token: Secret,
+    /// How often the host should heartbeat.
     pub heartbeat_interval_s: u64,
 }
 
 /// What a host gets to run: the job, the VM to boot and the runner's JIT config.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Assignment {
     pub job: Job,
     pub shape: Shape,
     pub image: String,
     pub runner_name: String,
-    /// Start the runner with `./run.sh --jitconfig <jit_config>`. Single use.
+    /// Start the runner with `./run.sh --jitconfig <jit_config>`. Single use; never log it.
     #[serde(serialize_with = "serialize_exposed")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub jit_config: Secret,
 }
 
 /// A host's report on a job's VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StatusReport {
     pub vm_state: VmState,
+    /// At most 4096 bytes of UTF-8 (`MAX_MESSAGE_BYTES`); `maxLength` counts characters, so a
+    /// message within it can still be too long.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    // A literal (utoipa takes no constants); the scheduler's OpenAPI test compares it.
+    #[cfg_attr(feature = "openapi", schema(max_length = 4096))]
     pub message: Option<String>,
 }
 

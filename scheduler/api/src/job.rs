@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 use crate::shape::Shape;
 
 /// A job's life in Hopper. GitHub's events and host reports arrive late and out of order, so a
-/// state change is only applied when it moves the job forward (see [`transition`]).
+/// state change is only applied when it moves the job forward (see `transition`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Waiting for a host with room.
@@ -96,6 +97,7 @@ pub fn transition(from: JobState, to: JobState) -> Result<Transition, Backwards>
 
 /// What the host says about the VM it runs a job in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     Starting,
@@ -165,8 +167,10 @@ pub fn is_local_job_id(id: u64) -> bool {
 
 /// A job as the store keeps it and the operator API shows it. Holds no secrets.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Job {
-    /// GitHub's workflow_job id, or a local job's id (above [`LOCAL_JOB_ID_BASE`]).
+    /// GitHub's workflow_job id, or a local job's id: above 9000000000000000
+    /// (`LOCAL_JOB_ID_BASE`).
     pub id: u64,
     pub run_id: u64,
     pub run_attempt: u32,
@@ -186,7 +190,9 @@ pub struct Job {
     pub vm_state: Option<VmState>,
     /// Milliseconds since the epoch.
     pub created_at: i64,
+    /// Milliseconds since the epoch.
     pub assigned_at: Option<i64>,
+    /// Milliseconds since the epoch.
     pub updated_at: i64,
 }
 

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 /// How much of each log the scheduler keeps: the end, where a failure shows.
 pub const MAX_LOG_BYTES: usize = 8 * 1024 * 1024;
 
+/// A job log's name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum LogName {
     /// The VM's serial console.
@@ -41,8 +43,10 @@ impl LogName {
 
 /// A stored log, as the operator API lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogInfo {
     pub name: LogName,
+    /// Bytes stored: at most the last 8 MiB (`MAX_LOG_BYTES`) of the upload.
     pub size: u64,
     /// When it was last uploaded, ms since the epoch.
     pub updated_at: i64,

@@ -16,10 +16,15 @@ pub const DEFAULT_SHAPE: Shape = Shape {
 /// What a job gets when its labels name no image.
 pub const DEFAULT_IMAGE: &str = "ubuntu-24.04";
 
+/// A job VM's size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(try_from = "RawShape")]
 pub struct Shape {
+    // Literal limits (utoipa takes no constants); the scheduler's OpenAPI test compares them.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 64))]
     vcpus: u8,
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 512))]
     memory_gb: u32,
 }
 

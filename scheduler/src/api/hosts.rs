@@ -15,17 +15,18 @@ use axum::Json;
 use hopper_api::host::{DEFAULT_POLL_WAIT_S, MAX_POLL_WAIT_S};
 use hopper_api::{Assignment, Enrolled, StatusReport};
 use http_body_util::BodyExt;
-use serde_json::json;
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use utoipa::ToSchema;
 
-use super::{parse_job_id, parse_json, parse_log_name, ApiError};
-use crate::joblogs::{LogInfo, Upload};
+use super::{parse_job_id, parse_json, parse_log_name, ApiError, ErrorBody};
+use crate::joblogs::{LogInfo, LogName, Upload};
 use crate::jobs::{Job, VmState};
 use crate::labels::DEFAULT_SHAPE;
 use crate::secret::Secret;
 use crate::server::AppState;
-use crate::store::{Host, NewHost, ReportError};
+use crate::store::{Host, HostState, NewHost, ReportError};
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(DEFAULT_POLL_WAIT_S);
 const MAX_WAIT: Duration = Duration::from_secs(MAX_POLL_WAIT_S);
@@ -64,6 +65,22 @@ impl FromRequestParts<Arc<AppState>> for AuthHost {
     }
 }
 
+/// Enroll a runner host
+#[utoipa::path(
+    post,
+    path = "/api/v1/hosts/enroll",
+    tag = "host",
+    operation_id = "enrollHost",
+    security(("enrollmentSecret" = [])),
+    request_body = NewHost,
+    responses(
+        (status = 201, description = "Enrolled; the token is shown only here", body = Enrolled),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 401, description = "Wrong enrollment secret", body = ErrorBody),
+        (status = 403, description = "Enrollment is off (no `--enroll-secret-file`)", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    ),
+)]
 pub async fn enroll(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -103,19 +120,67 @@ pub async fn enroll(
         .into_response())
 }
 
+/// The answer to a heartbeat.
+#[derive(Serialize, ToSchema)]
+pub struct Heartbeat {
+    /// Always `active`: a lost host that heartbeats is active again.
+    state: HostState,
+}
+
+/// Heartbeat; a host silent for --host-lost-after is marked lost with its jobs
+///
+/// A lost host that heartbeats is active again; its lost jobs stay lost.
+#[utoipa::path(
+    post,
+    path = "/api/v1/host/heartbeat",
+    tag = "host",
+    operation_id = "heartbeat",
+    security(("hostToken" = [])),
+    responses(
+        (status = 200, description = "Recorded", body = Heartbeat),
+        (status = 401, description = "Missing or unknown host token", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    ),
+)]
 pub async fn heartbeat(
     State(state): State<Arc<AppState>>,
     AuthHost(host): AuthHost,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Heartbeat>, ApiError> {
     let id = host.id.clone();
     state.store(move |s| s.heartbeat(&id)).await?;
-    if host.state == crate::store::HostState::Lost {
+    if host.state == HostState::Lost {
         tracing::warn!(host = %host.id, "lost host is heartbeating again; active again (its lost jobs stay lost)");
         state.placement_wake.notify_one();
     }
-    Ok(Json(json!({ "state": "active" })))
+    Ok(Json(Heartbeat {
+        state: HostState::Active,
+    }))
 }
 
+/// Long-poll for the next job to run
+///
+/// Returns the oldest job assigned to this host that the host has not acknowledged yet
+/// (acknowledge with a status report). Until acknowledged the same assignment is returned again,
+/// so the host must treat assignments idempotently by job id. Counts as a heartbeat.
+#[utoipa::path(
+    get,
+    path = "/api/v1/host/assignment",
+    tag = "host",
+    operation_id = "nextAssignment",
+    security(("hostToken" = [])),
+    params(
+        // A literal `maximum` (utoipa takes no constants); the OpenAPI test compares it.
+        ("wait" = Option<u64>, Query, minimum = 0, maximum = 60,
+         description = "Seconds to wait for an assignment (default 25; more than 60 counts as 60)"),
+    ),
+    responses(
+        (status = 200, description = "A job to run", body = Assignment),
+        (status = 204, description = "Nothing within the wait"),
+        (status = 400, description = "`wait` is not whole seconds", body = ErrorBody),
+        (status = 401, description = "Missing or unknown host token", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    ),
+)]
 pub async fn assignment(
     State(state): State<Arc<AppState>>,
     AuthHost(host): AuthHost,
@@ -159,6 +224,28 @@ pub async fn assignment(
     }
 }
 
+/// Report the VM of an assigned job
+///
+/// `running` moves the job to running; `failed` moves it to failed; `finished` frees the host's
+/// capacity (GitHub's completed event ends a GitHub job; a local job ends completed). VM states
+/// only move forward.
+#[utoipa::path(
+    post,
+    path = "/api/v1/host/jobs/{id}/status",
+    tag = "host",
+    operation_id = "reportStatus",
+    security(("hostToken" = [])),
+    params(("id" = u64, Path, description = "The job's id")),
+    request_body = StatusReport,
+    responses(
+        (status = 200, description = "The job afterwards", body = Job),
+        (status = 400, description = "Invalid id or body, or a message over 4096 bytes", body = ErrorBody),
+        (status = 401, description = "Missing or unknown host token", body = ErrorBody),
+        (status = 404, description = "Not a job of this host", body = ErrorBody),
+        (status = 409, description = "The VM state would move backwards", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    ),
+)]
 pub async fn report(
     State(state): State<Arc<AppState>>,
     AuthHost(host): AuthHost,
@@ -203,8 +290,31 @@ impl From<ReportError> for ApiError {
     }
 }
 
-/// `PUT /api/v1/host/jobs/{id}/logs/{name}`: replaces one log of one of this host's jobs. Only
-/// the last 8 MiB are kept, after the job's JIT config is redacted wherever it occurs.
+/// Upload a log of an assigned job
+///
+/// Replaces the stored log with the body. Any body size is accepted; only its last 8 MiB are
+/// kept (a log's end is where a failure shows). Every occurrence of the JIT config handed out
+/// with the job is overwritten, before that cut, with `[redacted JIT config]` padded with `*` to
+/// the same length. Only for jobs assigned to this host.
+#[utoipa::path(
+    put,
+    path = "/api/v1/host/jobs/{id}/logs/{name}",
+    tag = "host",
+    operation_id = "uploadJobLog",
+    security(("hostToken" = [])),
+    params(
+        ("id" = u64, Path, description = "The job's id"),
+        ("name" = LogName, Path, description = "Which log"),
+    ),
+    request_body(content_type = "application/octet-stream", description = "The log's bytes"),
+    responses(
+        (status = 200, description = "Stored", body = LogInfo),
+        (status = 400, description = "Invalid id or log name, or an unreadable body", body = ErrorBody),
+        (status = 401, description = "Missing or unknown host token", body = ErrorBody),
+        (status = 404, description = "Not a job of this host (nothing is read or stored)", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    ),
+)]
 pub async fn upload_log(
     State(state): State<Arc<AppState>>,
     AuthHost(host): AuthHost,

@@ -1,7 +1,8 @@
 //! HTTP routes: the GitHub webhook, the host API, the operator API (with local mode's job
-//! submission) and the OpenAPI document.
+//! submission) and the OpenAPI document, which is generated from the same handlers.
 
 mod hosts;
+mod openapi;
 mod operator;
 mod submit;
 mod webhook;
@@ -11,46 +12,57 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 use crate::joblogs::LogName;
 use crate::server::AppState;
 
-/// The OpenAPI 3.1 description of every route below (kept by hand; a test checks that each
-/// documented path is served and each served path is documented).
-pub const OPENAPI_JSON: &str = include_str!("openapi.json");
-
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route(
-            "/webhook",
-            // The handler reads the body itself with the 25 MiB limit.
-            post(webhook::receive).layer(DefaultBodyLimit::disable()),
-        )
-        .route("/healthz", get(operator::healthz))
-        .route("/metrics", get(operator::metrics))
-        .route("/api/v1/openapi.json", get(openapi))
-        .route("/api/v1/jobs", get(operator::jobs).post(submit::submit))
-        .route("/api/v1/jobs/{id}", get(operator::job))
-        .route("/api/v1/jobs/{id}/logs", get(operator::job_logs))
-        .route("/api/v1/jobs/{id}/logs/{name}", get(operator::job_log))
-        .route("/api/v1/hosts", get(operator::hosts))
-        .route("/api/v1/hosts/enroll", post(hosts::enroll))
-        .route("/api/v1/host/heartbeat", post(hosts::heartbeat))
-        .route("/api/v1/host/assignment", get(hosts::assignment))
-        .route("/api/v1/host/jobs/{id}/status", post(hosts::report))
-        .route("/api/v1/host/jobs/{id}/logs/{name}", put(hosts::upload_log))
-        .with_state(state)
+/// Every route with its description: the router and the OpenAPI document are both made from
+/// this list, each route's method and path taken from its handler's `#[utoipa::path]`. Only
+/// `routes!` fit in it, so no path is served undocumented (a test checks the methods).
+fn routes() -> OpenApiRouter<Arc<AppState>> {
+    [
+        // The handler reads the body itself with the 25 MiB limit.
+        routes!(webhook::receive).layer(DefaultBodyLimit::disable()),
+        routes!(operator::healthz),
+        routes!(operator::metrics),
+        routes!(openapi::serve),
+        routes!(operator::jobs, submit::submit),
+        routes!(operator::job),
+        routes!(operator::job_logs),
+        routes!(operator::job_log),
+        routes!(operator::hosts),
+        routes!(hosts::enroll),
+        routes!(hosts::heartbeat),
+        routes!(hosts::assignment),
+        routes!(hosts::report),
+        routes!(hosts::upload_log),
+    ]
+    .into_iter()
+    .fold(
+        OpenApiRouter::with_openapi(openapi::base()),
+        OpenApiRouter::routes,
+    )
 }
 
-async fn openapi() -> Response {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        OPENAPI_JSON,
-    )
-        .into_response()
+pub fn router(state: Arc<AppState>) -> Router {
+    routes().split_for_parts().0.with_state(state)
+}
+
+/// The OpenAPI 3.1 description of every route, served at `/api/v1/openapi.json`.
+pub fn document() -> utoipa::openapi::OpenApi {
+    routes().into_openapi()
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    pub error: String,
 }
 
 /// An error answer: `{"error": "..."}` with a status.
@@ -70,7 +82,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 

@@ -7,21 +7,56 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use super::{parse_job_id, parse_log_name, ApiError};
-use crate::joblogs::LogInfo;
+use super::{parse_job_id, parse_log_name, ApiError, ErrorBody};
+use crate::joblogs::{LogInfo, LogName};
 use crate::jobs::{Job, JobState};
 use crate::server::AppState;
 use crate::store::Host;
 
-pub async fn healthz(
-    State(state): State<Arc<AppState>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    state.store(|s| s.job_counts()).await?;
-    Ok(Json(json!({ "status": "ok" })))
+/// The answer of a healthy scheduler.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    status: Healthy,
 }
 
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Healthy {
+    Ok,
+}
+
+/// Liveness and store check
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operator",
+    operation_id = "healthz",
+    responses(
+        (status = 200, description = "Healthy", body = Health),
+        (status = 500, description = "The store does not answer", body = ErrorBody),
+    ),
+)]
+pub async fn healthz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, ApiError> {
+    state.store(|s| s.job_counts()).await?;
+    Ok(Json(Health {
+        status: Healthy::Ok,
+    }))
+}
+
+/// Prometheus metrics
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operator",
+    operation_id = "metrics",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"),
+        (status = 500, description = "The store does not answer", body = ErrorBody),
+    ),
+)]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let counts = state.store(|s| s.job_counts()).await?;
     let text = state.metrics.render(&counts);
@@ -35,6 +70,19 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
         .into_response())
 }
 
+/// Jobs in arrival order
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs",
+    tag = "operator",
+    operation_id = "listJobs",
+    params(("state" = Option<JobState>, Query, description = "Only jobs in this state")),
+    responses(
+        (status = 200, description = "Jobs", body = Vec<Job>),
+        (status = 400, description = "Unknown state", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    ),
+)]
 pub async fn jobs(
     State(state): State<Arc<AppState>>,
     Query(q): Query<HashMap<String, String>>,
@@ -48,6 +96,20 @@ pub async fn jobs(
     Ok(Json(state.store(move |s| s.jobs(filter)).await?))
 }
 
+/// One job
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/{id}",
+    tag = "operator",
+    operation_id = "getJob",
+    params(("id" = u64, Path, description = "GitHub's workflow_job id, or a local job's id")),
+    responses(
+        (status = 200, description = "The job", body = Job),
+        (status = 400, description = "The id is not a number", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    ),
+)]
 pub async fn job(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -60,7 +122,23 @@ pub async fn job(
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))
 }
 
-/// The logs the job's host has uploaded (none yet: an empty list).
+/// The logs the job's host has uploaded
+///
+/// Empty until the job's host uploads a log (hosts upload them while the job runs and before its
+/// final status report).
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/{id}/logs",
+    tag = "operator",
+    operation_id = "listJobLogs",
+    params(("id" = u64, Path, description = "GitHub's workflow_job id, or a local job's id")),
+    responses(
+        (status = 200, description = "Stored logs", body = Vec<LogInfo>),
+        (status = 400, description = "The id is not a number", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    ),
+)]
 pub async fn job_logs(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -76,6 +154,25 @@ pub async fn job_logs(
     Ok(Json(logs))
 }
 
+/// One log of a job
+///
+/// The last 8 MiB of the log as the host last uploaded it, with the job's JIT config redacted.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/{id}/logs/{name}",
+    tag = "operator",
+    operation_id = "getJobLog",
+    params(
+        ("id" = u64, Path, description = "GitHub's workflow_job id, or a local job's id"),
+        ("name" = LogName, Path, description = "Which log"),
+    ),
+    responses(
+        (status = 200, description = "The log's bytes as the job wrote them", body = String, content_type = "text/plain"),
+        (status = 400, description = "The id is not a number or the log name is unknown", body = ErrorBody),
+        (status = 404, description = "The job has no such log", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    ),
+)]
 pub async fn job_log(
     State(state): State<Arc<AppState>>,
     Path((id, name)): Path<(String, String)>,
@@ -103,6 +200,17 @@ pub async fn job_log(
         .into_response())
 }
 
+/// Enrolled hosts with their usage
+#[utoipa::path(
+    get,
+    path = "/api/v1/hosts",
+    tag = "operator",
+    operation_id = "listHosts",
+    responses(
+        (status = 200, description = "Hosts", body = Vec<Host>),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    ),
+)]
 pub async fn hosts(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Host>>, ApiError> {
     Ok(Json(state.store(|s| s.hosts()).await?))
 }

@@ -7,19 +7,65 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
+use super::{ApiError, ErrorBody};
 use crate::jobs::JobState;
 use crate::server::AppState;
 use crate::store::{DeliveryOutcome, JobChange};
 use crate::webhook::{intake, signature, IntakeError, MAX_BODY_BYTES};
 
+/// The answer to a delivery that was not refused.
+#[derive(Serialize, ToSchema)]
+pub struct Delivery {
+    status: DeliveryStatus,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    /// Stored.
+    Accepted,
+    /// Seen before (same `X-GitHub-Delivery`); nothing changed.
+    Duplicate,
+}
+
+fn answer(status: DeliveryStatus) -> Response {
+    (StatusCode::OK, Json(Delivery { status })).into_response()
+}
+
 fn reject(state: &AppState, status: StatusCode, reason: &'static str, msg: String) -> Response {
     state.metrics.delivery_rejected(reason);
     tracing::info!(reason, %msg, "webhook delivery rejected");
-    (status, Json(json!({ "error": msg }))).into_response()
+    ApiError(status, msg).into_response()
 }
 
+/// GitHub App webhook delivery
+///
+/// `workflow_job` events queue, start and end jobs; other events are recorded and change
+/// nothing. A delivery is handled once: a redelivery has no second effect.
+#[utoipa::path(
+    post,
+    path = "/webhook",
+    tag = "github",
+    operation_id = "receiveWebhook",
+    params(
+        ("X-GitHub-Event" = String, Header, description = "The event's name"),
+        ("X-GitHub-Delivery" = String, Header, min_length = 1, max_length = 128,
+         description = "Deduplication key: a redelivery has no second effect."),
+        ("X-Hub-Signature-256" = String, Header, pattern = "^sha256=[0-9a-f]{64}$",
+         description = "HMAC-SHA256 of the raw body with the webhook secret."),
+    ),
+    request_body(content = Object, description = "The event's payload, at most 25 MiB"),
+    responses(
+        (status = 200, description = "Stored (`accepted`) or already seen (`duplicate`)", body = Delivery),
+        (status = 400, description = "Malformed payload or a missing or invalid header", body = ErrorBody),
+        (status = 401, description = "Missing or wrong signature", body = ErrorBody),
+        (status = 413, description = "Body over 25 MiB", body = ErrorBody),
+        (status = 500, description = "The delivery could not be stored", body = ErrorBody),
+    ),
+)]
 pub async fn receive(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -89,7 +135,7 @@ pub async fn receive(
         Ok(DeliveryOutcome::Duplicate) => {
             state.metrics.delivery_duplicate();
             tracing::debug!(%delivery, %event, "redelivery; already handled");
-            (StatusCode::OK, Json(json!({ "status": "duplicate" }))).into_response()
+            answer(DeliveryStatus::Duplicate)
         }
         Ok(DeliveryOutcome::Recorded(change)) => {
             state.metrics.delivery_received();
@@ -105,7 +151,7 @@ pub async fn receive(
                 }
                 Some(JobChange::Unchanged(_)) | None => {}
             }
-            (StatusCode::OK, Json(json!({ "status": "accepted" }))).into_response()
+            answer(DeliveryStatus::Accepted)
         }
         Err(IntakeError::Malformed(e)) => {
             reject(&state, StatusCode::BAD_REQUEST, "malformed", e.to_string())
