@@ -7,10 +7,12 @@
 
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use hopper_api::VmState;
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
 
 use super::job::{report_final, JobContext};
 use super::jobdir::{self, JobDir};
@@ -55,26 +57,57 @@ fn remove_work(dir: &JobDir) -> anyhow::Result<()> {
         .with_context(|| format!("cannot remove {}", dir.work.display()))
 }
 
-/// Kills the job's VMM if it still runs; true if there was one.
+/// How long a killed VMM may take to be gone: its memory freed and its TAP let go.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// Kills the job's VMM if it still runs, and waits until it has exited (it is another
+/// daemon's child, so through a pidfd); true if there was one.
 async fn kill_vmm(dir: &JobDir) -> bool {
     let Some(pid) = dir.pid() else { return false };
+    let Some(pid) = Pid::from_raw(pid as i32) else {
+        return false;
+    };
+    // Opened before the check, so the check and the kill are about one process even if the
+    // pid is reused meanwhile.
+    let Ok(pidfd) = pidfd_open(pid, PidfdFlags::NONBLOCK) else {
+        return false;
+    };
     if !is_vmm_of(pid, dir) {
         return false;
     }
-    // SAFETY: a plain signal to a process checked just above to be this job's VMM.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while is_vmm_of(pid, dir) && Instant::now() < deadline {
-        // Not our child: there is no exit to wait on, only /proc to look at.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    if let Err(e) = pidfd_send_signal(&pidfd, Signal::KILL) {
+        tracing::warn!(
+            pid = pid.as_raw_nonzero(),
+            "cannot kill the previous run's VMM: {e}"
+        );
+        return true;
+    }
+    // A pidfd turns readable once the process has exited, after it closed its files (the
+    // TAP among them); /proc's command line empties earlier, while it still holds them.
+    let exited = tokio::task::spawn_blocking(move || {
+        let timeout = Timespec {
+            tv_sec: KILL_WAIT.as_secs() as i64,
+            tv_nsec: 0,
+        };
+        let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+        poll(&mut fds, Some(&timeout)).is_ok_and(|ready| ready == 1)
+    })
+    .await
+    .unwrap_or(false);
+    if !exited {
+        tracing::warn!(
+            pid = pid.as_raw_nonzero(),
+            "the previous run's VMM did not exit within {KILL_WAIT:?}"
+        );
     }
     true
 }
 
 /// Whether `pid` is a VMM of this job directory; checking the command line keeps a reused pid
-/// from being killed (a zombie's command line is empty, so it counts as gone).
-fn is_vmm_of(pid: u32, dir: &JobDir) -> bool {
-    let Ok(cmdline) = fs::read(Path::new("/proc").join(pid.to_string()).join("cmdline")) else {
+/// from being killed.
+fn is_vmm_of(pid: Pid, dir: &JobDir) -> bool {
+    let path = Path::new("/proc").join(pid.as_raw_nonzero().to_string());
+    let Ok(cmdline) = fs::read(path.join("cmdline")) else {
         return false;
     };
     let socket = dir.agent_socket();

@@ -267,7 +267,11 @@ impl Setup {
     /// Counts once, so the message shows what the check saw.
     pub fn assert_nothing_left(&self, what: &str) -> anyhow::Result<()> {
         let left = self.leftovers()?;
-        ensure!(left == Leftovers::default(), "{what}: left {left:?}");
+        ensure!(
+            left == Leftovers::default(),
+            "{what}: left {left:?}\n{}",
+            self.runner_log()
+        );
         Ok(())
     }
 
