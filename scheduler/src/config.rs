@@ -38,8 +38,14 @@ pub struct ServeArgs {
     /// File holding the shared secret runner hosts enroll with. Without it, enrollment is off.
     #[arg(long, env = "HOPPER_ENROLL_SECRET_FILE")]
     pub enroll_secret_file: Option<PathBuf>,
+    /// File holding the operator token: the operator API (/api/v1/jobs…, /api/v1/hosts,
+    /// /metrics) takes `Authorization: Bearer <token>`. Without it, the operator API is off
+    /// (401); webhooks and runner hosts are served either way.
+    #[arg(long, env = "HOPPER_OPERATOR_TOKEN_FILE")]
+    pub operator_token_file: Option<PathBuf>,
     /// Without a GitHub App, accept jobs submitted to POST /api/v1/jobs (local mode, what
-    /// `up` runs). Off by default: whoever reaches the API could then run jobs on the hosts.
+    /// `up` runs). Off by default: whoever holds the operator token could then run jobs on the
+    /// hosts.
     #[arg(long, env = "HOPPER_LOCAL_JOBS")]
     pub local_jobs: bool,
     #[command(flatten)]
@@ -91,8 +97,8 @@ pub struct SchedulerOptions {
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
     /// Address to listen on. The runner host reaches the scheduler through this machine's
-    /// loopback, so it must be 127.0.0.1 or 0.0.0.0; 0.0.0.0 also opens the operator API (no
-    /// authentication; in local mode it runs submitted jobs) to the network.
+    /// loopback, so it must be 127.0.0.1 or 0.0.0.0; 0.0.0.0 also exposes the API to the
+    /// network (the operator API takes the operator token).
     #[arg(long, env = "HOPPER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Directory of the store, the jobs' logs, the generated secrets, the runner host's state
@@ -107,6 +113,10 @@ pub struct UpArgs {
     /// missing; other runner hosts may enroll with it too).
     #[arg(long, env = "HOPPER_ENROLL_SECRET_FILE")]
     pub enroll_secret_file: Option<PathBuf>,
+    /// File holding the operator token the operator API takes (default:
+    /// <data-dir>/operator-token, generated if missing).
+    #[arg(long, env = "HOPPER_OPERATOR_TOKEN_FILE")]
+    pub operator_token_file: Option<PathBuf>,
     #[command(flatten)]
     pub options: SchedulerOptions,
     /// The runner host to start: `auto` (`direct` when this machine's KVM can run guests,

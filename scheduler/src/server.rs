@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub webhook_secret: Secret,
     pub enroll_secret: Option<Secret>,
+    /// Without it the operator API is off (`api::auth::Operator`).
+    pub operator_token: Option<Secret>,
     pub label_prefix: String,
     pub runners: Runners,
     pub host_lost_after: Duration,
@@ -47,7 +50,11 @@ impl AppState {
             .expect("store calls do not panic")
     }
 
-    /// An in-memory store, webhook secret `s`, no enrollment, no GitHub App, no log directory.
+    #[cfg(test)]
+    pub const TEST_OPERATOR_TOKEN: &str = "op";
+
+    /// An in-memory store, webhook secret `s`, no enrollment, operator token
+    /// [`Self::TEST_OPERATOR_TOKEN`], no GitHub App, no log directory.
     #[cfg(test)]
     pub fn for_tests() -> Arc<AppState> {
         Arc::new(AppState {
@@ -56,6 +63,7 @@ impl AppState {
             metrics: Metrics::default(),
             webhook_secret: Secret::new("s"),
             enroll_secret: None,
+            operator_token: Some(Secret::new(Self::TEST_OPERATOR_TOKEN)),
             label_prefix: "hopper".into(),
             runners: Runners::new(None, true),
             host_lost_after: Duration::from_secs(60),
@@ -87,19 +95,16 @@ impl Scheduler {
     pub async fn start(args: &ServeArgs) -> anyhow::Result<Scheduler> {
         let store = store::open(args.options.database.as_deref(), &args.data_dir)
             .context("opening the store")?;
-        let webhook_secret = Secret::from_file(&args.webhook_secret_file).with_context(|| {
-            format!(
-                "reading --webhook-secret-file {}",
-                args.webhook_secret_file.display()
-            )
-        })?;
+        let webhook_secret = read_secret(&args.webhook_secret_file, "--webhook-secret-file")?;
         let enroll_secret = args
             .enroll_secret_file
             .as_deref()
-            .map(|p| {
-                Secret::from_file(p)
-                    .with_context(|| format!("reading --enroll-secret-file {}", p.display()))
-            })
+            .map(|p| read_secret(p, "--enroll-secret-file"))
+            .transpose()?;
+        let operator_token = args
+            .operator_token_file
+            .as_deref()
+            .map(|p| read_secret(p, "--operator-token-file"))
             .transpose()?;
         let options = &args.options;
         let github = match (options.app_id, &options.app_private_key) {
@@ -131,6 +136,7 @@ impl Scheduler {
             metrics: Metrics::default(),
             webhook_secret,
             enroll_secret,
+            operator_token,
             label_prefix: options.label_prefix.clone(),
             runners: Runners::new(github, args.local_jobs),
             host_lost_after: options.host_lost_after,
@@ -170,6 +176,9 @@ impl Scheduler {
         if state.enroll_secret.is_none() {
             tracing::warn!("no --enroll-secret-file: runner hosts cannot enroll");
         }
+        if state.operator_token.is_none() {
+            tracing::warn!("no --operator-token-file: the operator API (jobs, their logs, hosts, metrics) is off and answers 401");
+        }
         let mut tasks = tokio::task::JoinSet::new();
         duties::spawn_all(&mut tasks, &state, self.timing);
         let app = crate::api::router(state);
@@ -179,6 +188,11 @@ impl Scheduler {
         tasks.abort_all();
         served.context("HTTP server")
     }
+}
+
+/// The secret file given with `flag`.
+fn read_secret(path: &Path, flag: &str) -> anyhow::Result<Secret> {
+    Secret::from_file(path).with_context(|| format!("reading {flag} {}", path.display()))
 }
 
 /// `hopper-scheduler serve`.

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::app::{setup, Setup};
 use common::host::HostClient;
-use common::{metric, workflow_job, Scheduler, ENROLL_SECRET, INSTALLATION_ID, WEBHOOK_SECRET};
+use common::{
+    metric, workflow_job, Scheduler, ENROLL_SECRET, INSTALLATION_ID, OPERATOR_TOKEN, WEBHOOK_SECRET,
+};
 use hopper_test_support::github::{app_key, forged_jwt_rejected, RemoteJob};
 use serde_json::{json, Value};
 
@@ -205,6 +207,7 @@ async fn job_flows_from_webhook_to_host_with_jit_config_and_back() {
         other.token.clone(),
         WEBHOOK_SECRET.to_string(),
         ENROLL_SECRET.to_string(),
+        OPERATOR_TOKEN.to_string(),
     ];
     secrets.extend(gh.state.tokens.lock().unwrap().iter().cloned());
     let key_line = app_key().0.lines().nth(1).unwrap().to_string();
@@ -268,7 +271,9 @@ async fn placement_bin_packs_waits_in_order_and_backs_off_on_5xx() {
     assert_eq!(b["job"]["id"], 602);
     host.report(602, "starting").await;
     assert_eq!(s.job(603).await.unwrap()["state"], "queued");
-    let bad = reqwest::get(format!("{}/api/v1/jobs?state=bogus", s.url))
+    let bad = s
+        .operator(reqwest::Method::GET, "/api/v1/jobs?state=bogus")
+        .send()
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
@@ -391,12 +396,7 @@ async fn reconciliation_picks_up_what_webhooks_missed() {
 
 /// Status, content type and body of a GET.
 async fn get_raw(s: &Scheduler, path: &str) -> (u16, String, Vec<u8>) {
-    let resp = s
-        .client()
-        .get(format!("{}{path}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.operator(reqwest::Method::GET, path).send().await.unwrap();
     let status = resp.status().as_u16();
     let ctype = resp
         .headers()

@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::host::HostClient;
 use common::{sign, workflow_job, Scheduler, APP_ID, INSTALLATION_ID, UP_DATA_DIR};
 use hopper_test_support::github::{app_key, StandIn};
+use reqwest::Method;
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -20,8 +21,7 @@ const LOCAL_JOB_ID_BASE: u64 = 9_000_000_000_000_000;
 
 async fn submit(s: &Scheduler, body: &str) -> (u16, Option<String>, Value) {
     let resp = s
-        .client()
-        .post(format!("{}/api/v1/jobs", s.url))
+        .operator(Method::POST, "/api/v1/jobs")
         .header("content-type", "application/json")
         .body(body.to_string())
         .send()
@@ -55,7 +55,21 @@ async fn up_runs_submitted_jobs_with_local_runner_configs_that_never_show() {
     );
     let enroll_secret = secret_in(dir.path(), "enroll-secret");
     let webhook_secret = secret_in(dir.path(), "webhook-secret");
+    let operator_token = secret_in(dir.path(), "operator-token");
     assert_ne!(enroll_secret, webhook_secret);
+    assert_ne!(operator_token, enroll_secret);
+    assert_ne!(operator_token, webhook_secret);
+    assert_eq!(s.operator_token, operator_token);
+    // `up` says where the token is and how to send it, never the token itself.
+    let token_file = data.join("operator-token");
+    let told = format!(
+        "curl -H \"Authorization: Bearer $(cat {})\" -d",
+        token_file.display()
+    );
+    s.wait_for("how to submit a job", WAIT, || async {
+        s.stdout_text().contains(&told).then_some(())
+    })
+    .await;
 
     // Named like the runner host `up` starts: `up` marks it lost when it stops (below).
     let host = HostClient::enroll_with(&s, &enroll_secret, "hopper-up", 2, 4096).await;
@@ -106,8 +120,7 @@ async fn up_runs_submitted_jobs_with_local_runner_configs_that_never_show() {
     let log = format!("hopper-run-job: config {config}\nhopper-run-job: done\n");
     assert_eq!(host.upload_log(id, "job", log.into()).await.status(), 200);
     let served = s
-        .client()
-        .get(format!("{}/api/v1/jobs/{id}/logs/job", s.url))
+        .operator(Method::GET, &format!("/api/v1/jobs/{id}/logs/job"))
         .send()
         .await
         .unwrap()
@@ -161,10 +174,12 @@ async fn up_runs_submitted_jobs_with_local_runner_configs_that_never_show() {
         })
         .await;
     let configs = [config, a2["jit_config"].as_str().unwrap().to_string()];
-    for secret in configs
-        .iter()
-        .chain([&enroll_secret, &webhook_secret, &host.token])
-    {
+    for secret in configs.iter().chain([
+        &enroll_secret,
+        &webhook_secret,
+        &operator_token,
+        &host.token,
+    ]) {
         assert!(!api.contains(secret.as_str()), "secret in API output");
         assert!(!logs.contains(secret.as_str()), "secret in the log");
         assert!(!progress.contains(secret.as_str()), "secret on stdout");
@@ -188,8 +203,9 @@ async fn up_runs_submitted_jobs_with_local_runner_configs_that_never_show() {
         lost["reason"].as_str().unwrap().contains("was stopped"),
         "{lost}"
     );
-    // The secrets are kept for the next run.
+    // The secrets are kept for the next run, and the token still opens the operator API.
     assert_eq!(secret_in(dir.path(), "enroll-secret"), enroll_secret);
+    assert_eq!(secret_in(dir.path(), "operator-token"), operator_token);
     // The same host (its token) at the restarted scheduler's new port.
     let host = HostClient {
         url: s.url.clone(),
@@ -252,8 +268,7 @@ async fn submission_is_refused_with_a_github_app() {
         ],
     );
     let resp = s
-        .client()
-        .post(format!("{}/api/v1/jobs", s.url))
+        .operator(Method::POST, "/api/v1/jobs")
         .body(r#"{"labels": ["hopper"]}"#)
         .send()
         .await

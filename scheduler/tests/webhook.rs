@@ -329,25 +329,11 @@ fn oversized_body_is_refused_without_reading_it() {
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     drop(conn);
-    let m = std::thread::spawn({
-        let url = s.url.clone();
-        move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                reqwest::get(format!("{url}/metrics"))
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap()
-            })
-        }
-    })
-    .join()
-    .unwrap();
+    let m = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(s.metrics());
     assert_eq!(
         metric(
             &m,

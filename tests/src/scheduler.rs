@@ -65,6 +65,13 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
     format!("sha256={hex}")
 }
 
+/// 16 random bytes in hex: an operator token nobody else knows.
+fn random_hex() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// A running `hopper-scheduler serve`; killed when dropped.
 pub struct SchedulerProcess {
     child: Child,
@@ -73,22 +80,30 @@ pub struct SchedulerProcess {
     pub port: u16,
     pub log: PathBuf,
     webhook_secret: String,
+    /// The operator API's token, which the harness writes for each scheduler it starts.
+    operator_token: String,
     http: reqwest::blocking::Client,
 }
 
 impl SchedulerProcess {
     /// Starts the scheduler with its data in `dir`, listening on 127.0.0.1 (reachable from
-    /// test hosts as `http://10.0.2.2:PORT`), with `args` added (GitHub App, enrollment…).
+    /// test hosts as `http://10.0.2.2:PORT`), with `args` added (GitHub App, enrollment…) and
+    /// an operator token of its own, which [`SchedulerProcess::get_json`] sends.
     pub fn start(dir: &Path, webhook_secret: &str, args: &[String]) -> Result<Self, HarnessError> {
         let io = |what: &str| HarnessError::io(format!("{what} in {}", dir.display()));
         std::fs::write(dir.join("webhook-secret"), webhook_secret)
             .map_err(io("writing the webhook secret"))?;
+        let operator_token = random_hex().map_err(HarnessError::io("reading /dev/urandom"))?;
+        std::fs::write(dir.join("operator-token"), &operator_token)
+            .map_err(io("writing the operator token"))?;
         let log = dir.join("scheduler.log");
         let mut child = Command::new(scheduler_binary()?)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.join("data"))
             .arg("--webhook-secret-file")
             .arg(dir.join("webhook-secret"))
+            .arg("--operator-token-file")
+            .arg(dir.join("operator-token"))
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -125,6 +140,7 @@ impl SchedulerProcess {
             port,
             log,
             webhook_secret: webhook_secret.to_string(),
+            operator_token,
             http: reqwest::blocking::Client::new(),
         })
     }
@@ -172,6 +188,7 @@ impl SchedulerProcess {
         let resp = self
             .http
             .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.operator_token)
             .send()
             .map_err(|e| self.error(format!("GET {path}: {e}")))?;
         if !resp.status().is_success() {

@@ -3,6 +3,7 @@
 //! with `hopper-runner host` inside; the demo job goes from submission through a microVM to
 //! `completed`, its log is printed, and everything stops with exit status 0.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -98,6 +99,20 @@ fn up_demo_runs_a_job_through_a_test_host_and_exits_zero() -> anyhow::Result<()>
     // The job's log, as the scheduler serves it: the guest ran the job with its config.
     ensure!(out.contains("hopper-run-job: jit config sha256"), "{out}");
     ensure!(out.contains("job command ended with exit code 0"), "{out}");
+    // `up` made a private operator token and said where it is, never what it is.
+    let token_file = data.join("operator-token");
+    let mode = std::fs::metadata(&token_file)?.permissions().mode() & 0o777;
+    ensure!(mode == 0o600, "operator-token has mode {mode:o}");
+    let token = read(&token_file).trim().to_string();
+    ensure!(
+        token.len() == 64,
+        "operator token of {} characters",
+        token.len()
+    );
+    ensure!(
+        out.contains(&format!("Bearer $(cat {})", token_file.display())),
+        "{out}"
+    );
     for (what, text) in [
         ("up's output", &out),
         ("up's errors", &err),
@@ -105,6 +120,7 @@ fn up_demo_runs_a_job_through_a_test_host_and_exits_zero() -> anyhow::Result<()>
         ("the scheduler log", &scheduler_log),
     ] {
         assert_no_runner_config(what, text)?;
+        ensure!(!text.contains(&token), "the operator token in {what}");
     }
     ensure!(
         runner_log.contains("runner host ready"),

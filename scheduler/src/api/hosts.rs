@@ -9,17 +9,16 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hopper_api::host::{DEFAULT_POLL_WAIT_S, MAX_POLL_WAIT_S};
 use hopper_api::{Assignment, Enrolled, StatusReport};
 use http_body_util::BodyExt;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
+use super::auth::{bearer, is_secret, token_hash};
 use super::{parse_job_id, parse_json, parse_log_name, ApiError, ErrorBody};
 use crate::joblogs::{LogInfo, LogName, Upload};
 use crate::jobs::{Job, VmState};
@@ -30,19 +29,6 @@ use crate::store::{Host, HostState, NewHost, ReportError};
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(DEFAULT_POLL_WAIT_S);
 const MAX_WAIT: Duration = Duration::from_secs(MAX_POLL_WAIT_S);
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-}
-
-fn token_hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
 
 /// The host a request's bearer token belongs to.
 pub struct AuthHost(pub Host);
@@ -92,9 +78,7 @@ pub async fn enroll(
             "enrollment is off: start the scheduler with --enroll-secret-file",
         ));
     };
-    // Compare digests so neither content nor length leaks through timing.
-    let given = token_hash(bearer(&headers).unwrap_or_default());
-    if !bool::from(given.ct_eq(&token_hash(secret.expose()))) {
+    if !is_secret(bearer(&headers).unwrap_or_default(), secret) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "wrong enrollment secret",

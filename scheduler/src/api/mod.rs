@@ -1,6 +1,8 @@
 //! HTTP routes: the GitHub webhook, the host API, the operator API (with local mode's job
-//! submission) and the OpenAPI document, which is generated from the same handlers.
+//! submission) and the OpenAPI document, which is generated from the same handlers; `auth`
+//! checks the bearer credentials of the host and operator APIs.
 
+mod auth;
 mod hosts;
 mod openapi;
 mod operator;

@@ -14,17 +14,20 @@ use utoipa::{Modify, OpenApi};
         title = "Hopper scheduler API",
         version = "1",
         description = "GitHub webhook intake, the host API used by runner hosts (hopper-runner \
-                       host), and the operator API (jobs, their logs, hosts; read-only except \
-                       job submission in local mode). Host endpoints take `Authorization: Bearer \
-                       <token>` where the token comes from enrollment; enrollment takes \
-                       `Authorization: Bearer <enrollment secret>`."
+                       host), and the operator API (jobs, their logs, hosts, metrics; read-only \
+                       except job submission in local mode). Host endpoints take \
+                       `Authorization: Bearer <token>` where the token comes from enrollment; \
+                       enrollment takes `Authorization: Bearer <enrollment secret>`; the \
+                       operator API takes `Authorization: Bearer <operator token>` \
+                       (--operator-token-file) except /healthz and this document."
     ),
     tags(
         (name = "github", description = "GitHub App webhook intake"),
         (name = "host", description = "For runner hosts: enrollment, heartbeats, assignments, \
                                        VM status reports, log uploads"),
-        (name = "operator", description = "Jobs, their logs, hosts, health and metrics; no \
-                                           authentication"),
+        (name = "operator", description = "Jobs, their logs, hosts, health and metrics; the \
+                                           operator token except for /healthz and this \
+                                           document"),
     ),
     modifiers(&SecuritySchemes)
 )]
@@ -35,7 +38,7 @@ pub fn base() -> utoipa::openapi::OpenApi {
     Base::openapi()
 }
 
-/// The schemes the host API's `security` names.
+/// The schemes the host and operator APIs' `security` names.
 struct SecuritySchemes;
 
 impl Modify for SecuritySchemes {
@@ -53,6 +56,13 @@ impl Modify for SecuritySchemes {
         components.add_security_scheme(
             "enrollmentSecret",
             bearer("The shared enrollment secret (`--enroll-secret-file`)"),
+        );
+        components.add_security_scheme(
+            "operatorToken",
+            bearer(
+                "The operator token (`--operator-token-file`; `up` keeps one in \
+                 `<data-dir>/operator-token`)",
+            ),
         );
     }
 }
@@ -83,6 +93,7 @@ mod tests {
     use hopper_api::host::{MAX_MESSAGE_BYTES, MAX_POLL_WAIT_S};
     use hopper_api::shape::{MAX_MEMORY_GB, MAX_VCPUS};
     use serde_json::{json, Value};
+    use std::sync::Arc;
     use tower::ServiceExt;
 
     use crate::api::{document, router};
@@ -205,13 +216,16 @@ mod tests {
         assert_eq!(poll["parameters"][0]["name"], "wait");
         assert_eq!(poll["parameters"][0]["schema"]["maximum"], MAX_POLL_WAIT_S);
 
-        // Host calls take the host token, enrollment the enrollment secret.
+        // Host calls take the host token, enrollment the enrollment secret, everything else
+        // but the webhook (signed instead), the health check and this document the operator
+        // token: a new route is an operator route unless listed here.
         let schemes = &doc["components"]["securitySchemes"];
         for (path, item) in doc["paths"].as_object().unwrap() {
             let want = match path.as_str() {
                 "/api/v1/hosts/enroll" => json!([{ "enrollmentSecret": [] }]),
                 p if p.starts_with("/api/v1/host/") => json!([{ "hostToken": [] }]),
-                _ => Value::Null,
+                "/webhook" | "/healthz" | "/api/v1/openapi.json" => Value::Null,
+                _ => json!([{ "operatorToken": [] }]),
             };
             for op in item.as_object().unwrap().values() {
                 assert_eq!(op["security"], want, "{path}");
@@ -219,6 +233,69 @@ mod tests {
             if let Some(scheme) = want[0].as_object().and_then(|s| s.keys().next()) {
                 assert_eq!(schemes[scheme]["scheme"], "bearer", "{scheme}");
             }
+        }
+    }
+
+    /// The status of `method path` with `authorization` (if any).
+    async fn status(app: &Router, method: &str, path: &str, authorization: Option<&str>) -> u16 {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(value) = authorization {
+            req = req.header(header::AUTHORIZATION, value);
+        }
+        let resp = app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        resp.status().as_u16()
+    }
+
+    /// What the document says is what is enforced: every operation marked `operatorToken`
+    /// refuses requests without the token, with another one, and when the operator API is off.
+    #[tokio::test]
+    async fn operations_that_declare_the_operator_token_require_it() {
+        let app = router(AppState::for_tests());
+        let mut off = Arc::into_inner(AppState::for_tests()).unwrap();
+        off.operator_token = None;
+        let off = router(Arc::new(off));
+        let doc = serde_json::to_value(document()).unwrap();
+        let right = format!("Bearer {}", AppState::TEST_OPERATOR_TOKEN);
+        let mut checked = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            let uri = path.replace("{id}", "1").replace("{name}", "job");
+            for (method, op) in item.as_object().unwrap() {
+                if op["security"] != json!([{ "operatorToken": [] }]) {
+                    continue;
+                }
+                let method = method.to_ascii_uppercase();
+                for auth in [None, Some("Bearer wrong"), Some("Basic b3A6b3A=")] {
+                    assert_eq!(
+                        status(&app, &method, &uri, auth).await,
+                        401,
+                        "{method} {path}"
+                    );
+                }
+                assert_eq!(status(&off, &method, &uri, Some(&right)).await, 401);
+                // Past the check the handler answers (here 200, 404 or 400 for a bad body).
+                assert_ne!(status(&app, &method, &uri, Some(&right)).await, 401);
+                checked.push(format!("{method} {path}"));
+            }
+        }
+        checked.sort();
+        assert_eq!(
+            checked,
+            [
+                "GET /api/v1/hosts",
+                "GET /api/v1/jobs",
+                "GET /api/v1/jobs/{id}",
+                "GET /api/v1/jobs/{id}/logs",
+                "GET /api/v1/jobs/{id}/logs/{name}",
+                "GET /metrics",
+                "POST /api/v1/jobs",
+            ]
+        );
+        for open in ["/healthz", "/api/v1/openapi.json"] {
+            assert_eq!(status(&off, "GET", open, None).await, 200, "{open}");
         }
     }
 }

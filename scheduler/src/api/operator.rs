@@ -1,4 +1,6 @@
-//! Operator API: read-only views of jobs, their logs and hosts, health and metrics.
+//! Operator API: read-only views of jobs, their logs and hosts, health and metrics. All but
+//! the health check take the operator token (`auth::Operator`): job logs may hold secrets, and
+//! the scheduler listens where GitHub's webhooks reach it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::auth::Operator;
 use super::{parse_job_id, parse_log_name, ApiError, ErrorBody};
 use crate::joblogs::{LogInfo, LogName};
 use crate::jobs::{Job, JobState};
@@ -47,17 +50,25 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> Result<Json<Health>,
 }
 
 /// Prometheus metrics
+///
+/// Takes the operator token too: the figures show the fleet's activity and how many forged
+/// webhooks were refused. Prometheus sends it with `authorization: {credentials_file: …}`.
 #[utoipa::path(
     get,
     path = "/metrics",
     tag = "operator",
     operation_id = "metrics",
+    security(("operatorToken" = [])),
     responses(
         (status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"),
+        (status = 401, description = "Missing or wrong operator token, or the operator API is off (no --operator-token-file)", body = ErrorBody),
         (status = 500, description = "The store does not answer", body = ErrorBody),
     ),
 )]
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+pub async fn metrics(
+    _: Operator,
+    State(state): State<Arc<AppState>>,
+) -> Result<Response, ApiError> {
     let counts = state.store(|s| s.job_counts()).await?;
     let text = state.metrics.render(&counts);
     Ok((
@@ -76,14 +87,17 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
     path = "/api/v1/jobs",
     tag = "operator",
     operation_id = "listJobs",
+    security(("operatorToken" = [])),
     params(("state" = Option<JobState>, Query, description = "Only jobs in this state")),
     responses(
         (status = 200, description = "Jobs", body = Vec<Job>),
         (status = 400, description = "Unknown state", body = ErrorBody),
+        (status = 401, description = "Missing or wrong operator token, or the operator API is off (no --operator-token-file)", body = ErrorBody),
         (status = 500, description = "Internal error", body = ErrorBody),
     ),
 )]
 pub async fn jobs(
+    _: Operator,
     State(state): State<Arc<AppState>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Vec<Job>>, ApiError> {
@@ -102,15 +116,18 @@ pub async fn jobs(
     path = "/api/v1/jobs/{id}",
     tag = "operator",
     operation_id = "getJob",
+    security(("operatorToken" = [])),
     params(("id" = u64, Path, description = "GitHub's workflow_job id, or a local job's id")),
     responses(
         (status = 200, description = "The job", body = Job),
         (status = 400, description = "The id is not a number", body = ErrorBody),
+        (status = 401, description = "Missing or wrong operator token, or the operator API is off (no --operator-token-file)", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
         (status = 500, description = "Internal error", body = ErrorBody),
     ),
 )]
 pub async fn job(
+    _: Operator,
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Job>, ApiError> {
@@ -131,15 +148,18 @@ pub async fn job(
     path = "/api/v1/jobs/{id}/logs",
     tag = "operator",
     operation_id = "listJobLogs",
+    security(("operatorToken" = [])),
     params(("id" = u64, Path, description = "GitHub's workflow_job id, or a local job's id")),
     responses(
         (status = 200, description = "Stored logs", body = Vec<LogInfo>),
         (status = 400, description = "The id is not a number", body = ErrorBody),
+        (status = 401, description = "Missing or wrong operator token, or the operator API is off (no --operator-token-file)", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
         (status = 500, description = "Internal error", body = ErrorBody),
     ),
 )]
 pub async fn job_logs(
+    _: Operator,
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<LogInfo>>, ApiError> {
@@ -162,6 +182,7 @@ pub async fn job_logs(
     path = "/api/v1/jobs/{id}/logs/{name}",
     tag = "operator",
     operation_id = "getJobLog",
+    security(("operatorToken" = [])),
     params(
         ("id" = u64, Path, description = "GitHub's workflow_job id, or a local job's id"),
         ("name" = LogName, Path, description = "Which log"),
@@ -169,11 +190,13 @@ pub async fn job_logs(
     responses(
         (status = 200, description = "The log's bytes as the job wrote them", body = String, content_type = "text/plain"),
         (status = 400, description = "The id is not a number or the log name is unknown", body = ErrorBody),
+        (status = 401, description = "Missing or wrong operator token, or the operator API is off (no --operator-token-file)", body = ErrorBody),
         (status = 404, description = "The job has no such log", body = ErrorBody),
         (status = 500, description = "Internal error", body = ErrorBody),
     ),
 )]
 pub async fn job_log(
+    _: Operator,
     State(state): State<Arc<AppState>>,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
@@ -206,11 +229,16 @@ pub async fn job_log(
     path = "/api/v1/hosts",
     tag = "operator",
     operation_id = "listHosts",
+    security(("operatorToken" = [])),
     responses(
         (status = 200, description = "Hosts", body = Vec<Host>),
+        (status = 401, description = "Missing or wrong operator token, or the operator API is off (no --operator-token-file)", body = ErrorBody),
         (status = 500, description = "Internal error", body = ErrorBody),
     ),
 )]
-pub async fn hosts(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Host>>, ApiError> {
+pub async fn hosts(
+    _: Operator,
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Vec<Host>>, ApiError> {
     Ok(Json(state.store(|s| s.hosts()).await?))
 }

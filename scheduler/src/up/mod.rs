@@ -1,9 +1,9 @@
 //! `hopper-scheduler up`: the whole path on one machine. It serves the scheduler in this
-//! process with local defaults (data in `./.hopper`, secrets generated there), starts one
-//! runner host as a child process (directly, or inside a nested test host when this machine's
-//! KVM cannot run guests), prints what happens to hosts and jobs as short lines, and with
-//! `--demo` runs one job end to end. Ctrl-C or SIGTERM stop the runner host, then the
-//! scheduler.
+//! process with local defaults (data in `./.hopper`, secrets and the operator token generated
+//! there), starts one runner host as a child process (directly, or inside a nested test host
+//! when this machine's KVM cannot run guests), prints what happens to hosts and jobs as short
+//! lines, and with `--demo` runs one job end to end. Ctrl-C or SIGTERM stop the runner host,
+//! then the scheduler.
 
 mod demo;
 mod runner;
@@ -66,6 +66,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         secrets::given_or_generated(args.webhook_secret_file.as_deref(), dir, "webhook-secret")?;
     let enroll_secret_file =
         secrets::given_or_generated(args.enroll_secret_file.as_deref(), dir, "enroll-secret")?;
+    let operator_token_file =
+        secrets::given_or_generated(args.operator_token_file.as_deref(), dir, "operator-token")?;
     let runner_kind = match args.runner {
         RunnerMode::None => None,
         mode => {
@@ -78,6 +80,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         data_dir: dir.clone(),
         webhook_secret_file: webhook_secret_file.clone(),
         enroll_secret_file: Some(enroll_secret_file.clone()),
+        operator_token_file: Some(operator_token_file.clone()),
         local_jobs: true,
         options: args.options.clone(),
     };
@@ -86,7 +89,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let state = scheduler.state();
     // The same machine-readable line as `serve`, for scripts and tests that use port 0.
     print(&format!("hopper-scheduler listening on http://{addr}\n"));
-    describe_mode(&state, addr, dir, &webhook_secret_file, &progress);
+    describe_mode(
+        &state,
+        addr,
+        dir,
+        &webhook_secret_file,
+        &operator_token_file,
+        &progress,
+    );
 
     let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(scheduler.run(async {
@@ -181,6 +191,7 @@ fn describe_mode(
     addr: SocketAddr,
     dir: &Path,
     webhook_secret_file: &Path,
+    operator_token_file: &Path,
     progress: &Progress,
 ) {
     progress.line(format!(
@@ -188,9 +199,18 @@ fn describe_mode(
         dir.display(),
         runner::RUNNER_LOG
     ));
+    // Where the token is, never the token: this goes to the terminal and to whatever records it.
+    let auth = format!(
+        "-H \"Authorization: Bearer $(cat {})\"",
+        operator_token_file.display()
+    );
+    progress.line(format!(
+        "operator API token in {}: curl {auth} http://{addr}/api/v1/jobs",
+        operator_token_file.display()
+    ));
     if state.runners.local_mode() {
         progress.line(format!(
-            "local mode (no GitHub App): submit jobs with curl -d '{{\"labels\":[\"{}-1cpu-1gb\"]}}' http://{addr}/api/v1/jobs",
+            "local mode (no GitHub App): submit jobs with curl {auth} -d '{{\"labels\":[\"{}-1cpu-1gb\"]}}' http://{addr}/api/v1/jobs",
             state.label_prefix
         ));
     } else {

@@ -1,5 +1,6 @@
-//! The data directory of `up` and the secrets it makes up when none are given: both private to
-//! the user, since the directory holds the secrets, the store and the jobs' logs.
+//! The data directory of `up` and the secrets it makes up when none are given (webhook and
+//! enrollment secrets, operator token): both private to the user, since the directory holds
+//! the secrets, the store and the jobs' logs.
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::Write;

@@ -18,6 +18,7 @@ use sha2::Sha256;
 
 pub const WEBHOOK_SECRET: &str = "test-webhook-secret-4f1c2a";
 pub const ENROLL_SECRET: &str = "test-enroll-secret-9d8e7f";
+pub const OPERATOR_TOKEN: &str = "test-operator-token-3b6a1e";
 pub const INSTALLATION_ID: u64 = 42;
 pub const APP_ID: u64 = 4242;
 
@@ -72,17 +73,41 @@ pub struct Scheduler {
     args: Vec<String>,
     /// What it printed after the listening line.
     stdout: Arc<Mutex<String>>,
+    /// The operator token, read from its file once the scheduler listens (`up` makes one);
+    /// empty when the scheduler has none.
+    pub operator_token: String,
+    token_file: Option<PathBuf>,
 }
 
 /// The data directory of `up` in a test's directory.
 pub const UP_DATA_DIR: &str = ".hopper";
 
 impl Scheduler {
-    /// Starts `hopper-scheduler serve` with its data in `dir` and extra arguments.
+    /// Starts `hopper-scheduler serve` with its data in `dir`, the tests' secrets and operator
+    /// token, and extra arguments.
     pub fn start(dir: &Path, extra: &[&str]) -> Scheduler {
+        let token_file = dir.join("operator-token");
+        std::fs::write(&token_file, format!("{OPERATOR_TOKEN}\n")).unwrap();
+        let mut args = Self::serve_args(dir);
+        args.extend([
+            "--operator-token-file".into(),
+            token_file.display().to_string(),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(dir, args, Some(token_file))
+    }
+
+    /// Like [`Scheduler::start`] without `--operator-token-file`: the operator API is off.
+    pub fn start_without_operator_token(dir: &Path) -> Scheduler {
+        Self::spawn(dir, Self::serve_args(dir), None)
+    }
+
+    /// Writes the tests' webhook and enrollment secrets into `dir`; `serve`'s arguments with
+    /// them.
+    fn serve_args(dir: &Path) -> Vec<String> {
         std::fs::write(dir.join("webhook-secret"), format!("{WEBHOOK_SECRET}\n")).unwrap();
         std::fs::write(dir.join("enroll-secret"), ENROLL_SECRET).unwrap();
-        let mut args: Vec<String> = vec![
+        vec![
             "serve".into(),
             "--listen".into(),
             "127.0.0.1:0".into(),
@@ -92,9 +117,7 @@ impl Scheduler {
             dir.join("webhook-secret").display().to_string(),
             "--enroll-secret-file".into(),
             dir.join("enroll-secret").display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn(dir, args)
+        ]
     }
 
     /// Starts `hopper-scheduler up` with its data in `dir/.hopper`, on a free port, with extra
@@ -108,10 +131,12 @@ impl Scheduler {
             dir.join(UP_DATA_DIR).display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn(dir, args)
+        let token_file = dir.join(UP_DATA_DIR).join("operator-token");
+        Self::spawn(dir, args, Some(token_file))
     }
 
-    fn spawn(dir: &Path, args: Vec<String>) -> Scheduler {
+    /// Runs the binary with `args`; once it listens, reads the operator token from `token_file`.
+    fn spawn(dir: &Path, args: Vec<String>, token_file: Option<PathBuf>) -> Scheduler {
         let log = dir.join(format!(
             "scheduler-{}.log",
             std::time::SystemTime::now()
@@ -158,6 +183,10 @@ impl Scheduler {
                 );
             }
         };
+        let operator_token = token_file
+            .as_deref()
+            .map(|f| std::fs::read_to_string(f).unwrap().trim_end().to_string())
+            .unwrap_or_default();
         Scheduler {
             child,
             url,
@@ -165,6 +194,8 @@ impl Scheduler {
             log,
             args,
             stdout: rest,
+            operator_token,
+            token_file,
         }
     }
 
@@ -192,8 +223,8 @@ impl Scheduler {
     /// Starts again with the same arguments (and so the same data directory).
     pub fn restart(mut self) -> Scheduler {
         self.kill();
-        let (dir, args) = (self.dir.clone(), self.args.clone());
-        Self::spawn(&dir, args)
+        let (dir, args, token_file) = (self.dir.clone(), self.args.clone(), self.token_file.take());
+        Self::spawn(&dir, args, token_file)
     }
 
     pub fn log_text(&self) -> String {
@@ -248,10 +279,16 @@ impl Scheduler {
         req.send().await.unwrap()
     }
 
+    /// A request to the operator API, with the operator token.
+    pub fn operator(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client()
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.operator_token)
+    }
+
     pub async fn get_json(&self, path: &str) -> Value {
         let resp = self
-            .client()
-            .get(format!("{}{path}", self.url))
+            .operator(reqwest::Method::GET, path)
             .send()
             .await
             .unwrap();
@@ -272,8 +309,7 @@ impl Scheduler {
     }
 
     pub async fn metrics(&self) -> String {
-        self.client()
-            .get(format!("{}/metrics", self.url))
+        self.operator(reqwest::Method::GET, "/metrics")
             .send()
             .await
             .unwrap()
