@@ -203,7 +203,7 @@ impl SchedulerClient {
 }
 
 /// A reqwest error with its causes ("connection refused" is only in the chain), as one line.
-fn chain(e: &reqwest::Error) -> String {
+pub(super) fn chain(e: &reqwest::Error) -> String {
     let mut text = e.to_string();
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {

@@ -2,7 +2,8 @@
 //! long-polls for assignments and runs each job in its own microVM, several at once up to the
 //! capacity it announced (the scheduler places no more than that on it). It runs on tokio: one
 //! task per job, and one cancellation token that SIGTERM or SIGINT fires, which stops every job
-//! (VM stopped, resources removed, job reported) before the daemon exits.
+//! (VM stopped, resources removed, job reported) before the daemon exits. A watcher task reads
+//! the cloud's termination notices; so far they are only logged.
 
 mod caplog;
 mod client;
@@ -11,6 +12,7 @@ mod job;
 mod jobdir;
 mod logs;
 mod netslot;
+mod notice;
 mod recover;
 mod resources;
 mod vm;
@@ -18,12 +20,13 @@ mod vm;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use clap::Args;
 use hopper_api::{NewHost, Secret};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -84,6 +87,14 @@ pub struct HostArgs {
     /// Seconds a job may run before its VM is killed and the job failed.
     #[arg(long, default_value_t = 6 * 3600)]
     job_timeout: u64,
+    /// Where termination notices (spot reclaim, maintenance) come from: the cloud's instance
+    /// metadata service. `auto` uses whichever answers; none answering means no notices.
+    #[arg(long, value_enum, default_value = "auto")]
+    notice_source: notice::SourceChoice,
+    /// Base URL of the metadata service, replacing the cloud's link-local address (e.g. a
+    /// stand-in in tests).
+    #[arg(long)]
+    metadata_url: Option<String>,
 }
 
 fn hostname() -> String {
@@ -130,6 +141,9 @@ pub fn run(args: HostArgs) -> anyhow::Result<()> {
     // Everything is checked before anything is changed or sent.
     let enroll_secret = Secret::from_file(&args.enroll_secret_file)?;
     let images = images(&args)?;
+    if let Some(url) = &args.metadata_url {
+        notice::check_url(url).context("bad --metadata-url")?;
+    }
     let vcpus = match args.vcpus {
         Some(0) => bail!("--vcpus must be at least 1"),
         Some(n) => n,
@@ -175,6 +189,13 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     watch_signals(stop.clone()).context("cannot handle signals")?;
+    let notices = notice::spawn(
+        args.notice_source,
+        args.metadata_url.clone(),
+        notice::Timing::default(),
+        stop.clone(),
+    );
+    tokio::spawn(log_notices(notices));
     let creds = tokio::select! {
         creds = enroll_when_reachable(&client, &args.data_dir, &enroll_secret, &info) => creds?,
         _ = stop.cancelled() => return Ok(()),
@@ -235,6 +256,28 @@ fn watch_signals(stop: CancellationToken) -> std::io::Result<()> {
         stop.cancel();
     });
     Ok(())
+}
+
+/// For now a notice is only logged: reporting it to the scheduler and moving the jobs away is
+/// the evacuation's, still to come.
+async fn log_notices(mut notices: mpsc::Receiver<notice::Notice>) {
+    while let Some(n) = notices.recv().await {
+        let (cloud, event_id, detail) = (n.cloud, n.event_id.as_deref(), &n.detail);
+        match n.kind {
+            notice::Kind::Reclaim { deadline } => {
+                let left = deadline
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                tracing::warn!(%cloud, deadline = %notice::show_time(deadline), seconds_left = left.as_secs(), event_id, "termination notice, not acted upon yet: the host will be reclaimed ({detail})");
+            }
+            notice::Kind::AtRisk => {
+                tracing::warn!(%cloud, event_id, "termination notice, not acted upon yet: the host is at risk ({detail})")
+            }
+            notice::Kind::Maintenance => {
+                tracing::warn!(%cloud, event_id, "maintenance notice: the host will be paused a moment ({detail})")
+            }
+        }
+    }
 }
 
 /// Enrolls (or loads the stored credentials), waiting for a scheduler that is not up yet; any
