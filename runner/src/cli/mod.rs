@@ -24,8 +24,10 @@ enum Command {
     #[command(subcommand)]
     Vm(vm::VmCommand),
     /// Run this machine as a runner host: enroll with the scheduler, take job assignments and
-    /// run each job in its own microVM. SIGTERM or SIGINT stops every job's VM, reports the jobs
-    /// failed, removes what they held on the host, and exits 0.
+    /// run each job in its own microVM.
+    ///
+    /// SIGTERM or SIGINT stops every job's VM, reports the jobs failed, removes what they held on
+    /// the host, and exits 0.
     Host(crate::host::HostArgs),
 }
 
