@@ -7,6 +7,10 @@ use reqwest::{Client, RequestBuilder, StatusCode};
 
 use crate::host::client::chain;
 
+/// The largest answer read: the documented ones are a few hundred bytes (Azure's scheduled
+/// events a few KiB), and a service that sends more is not to be held in memory.
+const MAX_BODY: usize = 64 << 10;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NoticeError {
     #[error("{0:?} is not an http:// or https:// URL")]
@@ -18,6 +22,8 @@ pub enum NoticeError {
         what: &'static str,
         status: StatusCode,
     },
+    #[error("the metadata service's answer is over {MAX_BODY} bytes")]
+    TooLarge,
     #[error("the metadata service's {what} is not understood ({cause}): {body:?}")]
     Malformed {
         what: &'static str,
@@ -87,11 +93,58 @@ impl Metadata {
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp.text().await.map_err(transport)?;
+        let mut resp = resp;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+            if bytes.len() + chunk.len() > MAX_BODY {
+                return Err(NoticeError::TooLarge);
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let body = String::from_utf8_lossy(&bytes).into_owned();
         Ok(Answer {
             status,
             headers,
             body,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    /// A server that answers every request with `len` bytes of `x`.
+    fn answering(len: usize) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&vec![b'x'; len]);
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_the_limit_is_refused_not_held() {
+        for (len, fits) in [(MAX_BODY, true), (MAX_BODY + 1, false), (16 << 20, false)] {
+            let md = Metadata::new(&answering(len), Duration::from_secs(10)).unwrap();
+            let got = md.send(md.http.get(md.url("/"))).await;
+            match got {
+                Ok(answer) => assert!(fits && answer.body.len() == len, "{len} bytes read"),
+                Err(NoticeError::TooLarge) => assert!(!fits, "{len} bytes refused"),
+                Err(e) => panic!("{len} bytes: {e}"),
+            }
+        }
     }
 }
