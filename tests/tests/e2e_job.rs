@@ -154,20 +154,12 @@ fn four_jobs_at_once_then_a_crashing_guest_is_failed(s: &Setup) -> anyhow::Resul
     let crash = 7_100_100;
     let crash_labels = ["hopper-1cpu-1gb", "e2e-crash-guest"];
     s.queue(crash, &crash_labels)?;
-    let job = s.wait_vm_done(crash, Duration::from_secs(240))?;
-    ensure!(
-        job["vm_state"] == "failed",
-        "crashed guest not reported failed: {job:#}"
-    );
-    ensure!(
-        job["state"] == "failed",
-        "crashed guest's job is not failed: {job:#}"
-    );
-    let reason = job["reason"].as_str().unwrap_or_default();
-    ensure!(
-        reason.contains("guest stopped before the job command finished"),
-        "reason: {reason}"
-    );
+    wait_failed(
+        s,
+        crash,
+        Duration::from_secs(240),
+        "guest stopped before the job command finished",
+    )?;
     let console = String::from_utf8_lossy(
         &s.host
             .read_file(&format!("{DATA}/logs/{crash}/console.log"))?,
@@ -197,16 +189,12 @@ fn runner_restart_fails_the_interrupted_job_and_cleans_up(s: &Setup) -> anyhow::
     );
 
     s.start_runner()?;
-    let job = s.wait_vm_done(id, Duration::from_secs(120))?;
-    ensure!(
-        job["vm_state"] == "failed" && job["state"] == "failed",
-        "not failed: {job:#}"
-    );
-    let reason = job["reason"].as_str().unwrap_or_default();
-    ensure!(
-        reason.contains("runner host restarted while the job ran"),
-        "reason: {reason}"
-    );
+    wait_failed(
+        s,
+        id,
+        Duration::from_secs(120),
+        "runner host restarted while the job ran",
+    )?;
     s.assert_nothing_left(&format!("after the restart ({} VMMs before it)", left.vmms))?;
     // The restarted daemon is the same host: it used its stored token, not a new enrollment.
     let hosts = s.scheduler.get_json("/api/v1/hosts")?;
@@ -217,6 +205,19 @@ fn runner_restart_fails_the_interrupted_job_and_cleans_up(s: &Setup) -> anyhow::
     let log = s.runner_log();
     ensure!(log.contains("using stored host credentials"), "{log}");
     s.assert_no_secrets_logged()?;
+    Ok(())
+}
+
+/// Waits until job `id`'s VM is done and checks that the host reported it failed, the job is
+/// failed, and its reason says `why`.
+fn wait_failed(s: &Setup, id: u64, timeout: Duration, why: &str) -> anyhow::Result<()> {
+    let job = s.wait_vm_done(id, timeout)?;
+    ensure!(
+        job["vm_state"] == "failed" && job["state"] == "failed",
+        "job {id} is not failed: {job:#}"
+    );
+    let reason = job["reason"].as_str().unwrap_or_default();
+    ensure!(reason.contains(why), "job {id}'s reason: {reason}");
     Ok(())
 }
 
@@ -246,16 +247,12 @@ fn a_killed_vmm_leaves_nothing_behind(s: &Setup) -> anyhow::Result<()> {
     );
     s.host
         .sh(&format!("kill -9 $(cat {DATA}/jobs/{id}/vmm.pid)"))?;
-    let job = s.wait_vm_done(id, Duration::from_secs(60))?;
-    ensure!(
-        job["vm_state"] == "failed",
-        "a job whose VMM was killed is not failed: {job:#}"
-    );
-    let reason = job["reason"].as_str().unwrap_or_default();
-    ensure!(
-        reason.contains("guest stopped before the job command finished"),
-        "reason: {reason}"
-    );
+    wait_failed(
+        s,
+        id,
+        Duration::from_secs(60),
+        "guest stopped before the job command finished",
+    )?;
     s.assert_nothing_left("after the VMM was killed")?;
     Ok(())
 }
@@ -267,16 +264,12 @@ fn sigterm_stops_the_running_job_and_leaves_nothing(s: &Setup) -> anyhow::Result
     s.queue(id, &["hopper-1cpu-1gb", "e2e-sleep-600"])?;
     wait_running(s, id)?;
     s.host.sh("kill -TERM $(cat /tmp/runner-host.pid)")?;
-    let job = s.wait_vm_done(id, Duration::from_secs(90))?;
-    ensure!(
-        job["vm_state"] == "failed" && job["state"] == "failed",
-        "the stopped job is not failed: {job:#}"
-    );
-    let reason = job["reason"].as_str().unwrap_or_default();
-    ensure!(
-        reason.contains("runner host was stopped while the job ran"),
-        "reason: {reason}"
-    );
+    wait_failed(
+        s,
+        id,
+        Duration::from_secs(90),
+        "runner host was stopped while the job ran",
+    )?;
     s.wait_nothing_left("after SIGTERM", Duration::from_secs(30))?;
     let gone = s.host.sh(
         // A zombie (its parent may not reap it) has an empty command line: it counts as gone.

@@ -119,9 +119,8 @@ async fn run(
 ) -> Result<ExitStatus, JobError> {
     let dir = resources.dir().clone();
     let (image, disk) = (ctx.images.rootfs.clone(), dir.disk());
-    tokio::task::spawn_blocking(move || hopper_vmm::disk_copy::private_copy(&image, &disk))
+    blocking(move || hopper_vmm::disk_copy::private_copy(&image, &disk))
         .await
-        .expect("the disk copy does not panic")
         .map_err(JobError::Disk)?;
     let net = resources.attach_network(&ctx.net)?;
     let mut vm = Vm::spawn(&ctx.images, a.shape, &dir, net, ctx.dns)?;
@@ -203,11 +202,11 @@ async fn drive(
     }
 }
 
-/// Runs a blocking agent call off the async workers.
+/// Runs blocking work (the disk copy, agent calls) off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f)
         .await
-        .expect("agent calls do not panic")
+        .expect("the disk copy and agent calls do not panic")
 }
 
 fn describe(status: ProcessStatus) -> String {

@@ -30,6 +30,8 @@ pub enum ResourceError {
 pub struct VmResources {
     dir: JobDir,
     net: Option<GuestNet>,
+    /// `release` has removed everything; nothing is left for drop.
+    released: bool,
 }
 
 /// A guest network slot with its TAP and firewall; dropping it removes both and frees the slot.
@@ -70,7 +72,11 @@ impl VmResources {
             dir: dir.work.display().to_string(),
             cause,
         })?;
-        Ok(VmResources { dir, net: None })
+        Ok(VmResources {
+            dir,
+            net: None,
+            released: false,
+        })
     }
 
     pub fn dir(&self) -> &JobDir {
@@ -93,6 +99,7 @@ impl VmResources {
     /// Removes the network and the work directory; the logs stay.
     pub fn release(mut self) -> io::Result<()> {
         self.net = None;
+        self.released = true;
         self.dir.remove_work()
     }
 }
@@ -100,6 +107,9 @@ impl VmResources {
 impl Drop for VmResources {
     /// The path of a job that did not get to `release` (its task was dropped).
     fn drop(&mut self) {
+        if self.released {
+            return;
+        }
         if let Some(net) = self.net.take() {
             tracing::warn!(tap = %net.tap.0, "job ended without releasing its VM's resources; removing them");
         }
