@@ -1,4 +1,4 @@
-//! Prometheus text exposition, hand-written: a few counters and one histogram.
+//! Prometheus text exposition, hand-written: a few counters and two histograms.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,20 +22,75 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
-#[derive(Default)]
+/// Upper bounds (seconds) of the guest-pause buckets of migrations.
+const PAUSE_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Migration results; the `result` label of `hopper_migrations_total`.
+pub const MIGRATION_RESULTS: &[&str] = &["succeeded", "failed"];
+
 pub struct Metrics {
     received: AtomicU64,
     duplicates: AtomicU64,
     rejected: [AtomicU64; 7],
     hosts_lost: AtomicU64,
     latency: Mutex<Histogram>,
+    migrations: [AtomicU64; 2],
+    pauses: Mutex<Histogram>,
 }
 
-#[derive(Default)]
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            received: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            rejected: Default::default(),
+            hosts_lost: AtomicU64::new(0),
+            latency: Mutex::new(Histogram::new(LATENCY_BUCKETS)),
+            migrations: Default::default(),
+            pauses: Mutex::new(Histogram::new(PAUSE_BUCKETS)),
+        }
+    }
+}
+
 struct Histogram {
-    counts: [u64; 12],
+    bounds: &'static [f64],
+    counts: Vec<u64>,
     sum: f64,
     count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe(&mut self, value: f64) {
+        for (n, bound) in self.counts.iter_mut().zip(self.bounds) {
+            if value <= *bound {
+                *n += 1;
+            }
+        }
+        self.sum += value;
+        self.count += 1;
+    }
+
+    fn render(&self, w: &mut String, name: &str, help: &str) {
+        let _ = writeln!(w, "# HELP {name} {help}");
+        let _ = writeln!(w, "# TYPE {name} histogram");
+        for (bound, n) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(w, "{name}_bucket{{le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(w, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(w, "{name}_sum {}", self.sum);
+        let _ = writeln!(w, "{name}_count {}", self.count);
+    }
 }
 
 impl Metrics {
@@ -61,13 +116,18 @@ impl Metrics {
 
     pub fn queued_to_assigned(&self, seconds: f64) {
         let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            if seconds <= *bound {
-                h.counts[i] += 1;
-            }
+        h.observe(seconds);
+    }
+
+    /// A migration that ended: `paused_s` is its guest's pause, when it succeeded.
+    pub fn migration_ended(&self, succeeded: bool, paused_s: Option<f64>) {
+        self.migrations[usize::from(!succeeded)].fetch_add(1, Ordering::Relaxed);
+        if let Some(p) = paused_s {
+            self.pauses
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .observe(p);
         }
-        h.sum += seconds;
-        h.count += 1;
     }
 
     /// Renders everything; job counts come from the store at scrape time.
@@ -119,22 +179,34 @@ impl Metrics {
             "hopper_hosts_lost_total {}",
             self.hosts_lost.load(Ordering::Relaxed)
         );
-        let h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(w, "# HELP hopper_job_queued_to_assigned_seconds Time from a job's arrival to its assignment to a host.");
-        let _ = writeln!(w, "# TYPE hopper_job_queued_to_assigned_seconds histogram");
-        for (bound, n) in LATENCY_BUCKETS.iter().zip(h.counts) {
-            let _ = writeln!(
+        self.latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .render(
                 w,
-                "hopper_job_queued_to_assigned_seconds_bucket{{le=\"{bound}\"}} {n}"
+                "hopper_job_queued_to_assigned_seconds",
+                "Time from a job's arrival to its assignment to a host.",
             );
-        }
         let _ = writeln!(
             w,
-            "hopper_job_queued_to_assigned_seconds_bucket{{le=\"+Inf\"}} {}",
-            h.count
+            "# HELP hopper_migrations_total Job VM migrations that ended, by result."
         );
-        let _ = writeln!(w, "hopper_job_queued_to_assigned_seconds_sum {}", h.sum);
-        let _ = writeln!(w, "hopper_job_queued_to_assigned_seconds_count {}", h.count);
+        let _ = writeln!(w, "# TYPE hopper_migrations_total counter");
+        for (result, n) in MIGRATION_RESULTS.iter().zip(&self.migrations) {
+            let _ = writeln!(
+                w,
+                "hopper_migrations_total{{result=\"{result}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        self.pauses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .render(
+                w,
+                "hopper_migration_pause_seconds",
+                "The guest's pause in successful migrations, as their sources measured it.",
+            );
         out
     }
 }
@@ -156,5 +228,13 @@ mod tests {
         assert!(text.contains("hopper_webhook_deliveries_rejected_total{reason=\"too_large\"} 1\n"));
         assert!(text.contains("hopper_jobs{state=\"queued\"} 3\n"));
         assert!(text.contains("hopper_jobs{state=\"running\"} 0\n"));
+        m.migration_ended(true, Some(0.08));
+        m.migration_ended(false, None);
+        let text = m.render(&[]);
+        assert!(text.contains("hopper_migrations_total{result=\"succeeded\"} 1\n"));
+        assert!(text.contains("hopper_migrations_total{result=\"failed\"} 1\n"));
+        assert!(text.contains("hopper_migration_pause_seconds_bucket{le=\"0.05\"} 0\n"));
+        assert!(text.contains("hopper_migration_pause_seconds_bucket{le=\"0.1\"} 1\n"));
+        assert!(text.contains("hopper_migration_pause_seconds_count 1\n"));
     }
 }

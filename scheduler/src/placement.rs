@@ -2,7 +2,7 @@
 
 use crate::jobs::Job;
 use crate::labels::DEFAULT_SHAPE;
-use crate::store::{Host, HostState};
+use crate::store::Host;
 
 /// Room left on a host while a placement round runs.
 #[derive(Debug, Clone)]
@@ -20,7 +20,7 @@ struct Room {
 pub fn plan(queue: &[Job], hosts: &[Host]) -> Vec<(u64, String)> {
     let mut rooms: Vec<Room> = hosts
         .iter()
-        .filter(|h| h.state == HostState::Active)
+        .filter(|h| h.state.takes_jobs())
         .map(|h| Room {
             host_id: h.id.clone(),
             vcpus: h.vcpus.saturating_sub(h.used_vcpus),
@@ -47,11 +47,25 @@ pub fn plan(queue: &[Job], hosts: &[Host]) -> Vec<(u64, String)> {
     out
 }
 
+/// Where a running job's VM can move: the best fit among the hosts taking jobs, leaving out
+/// `exclude` (its own host, targets that failed it before).
+pub fn target_for(job: &Job, hosts: &[Host], exclude: &[String]) -> Option<String> {
+    let candidates: Vec<Host> = hosts
+        .iter()
+        .filter(|h| !exclude.contains(&h.id))
+        .cloned()
+        .collect();
+    plan(std::slice::from_ref(job), &candidates)
+        .pop()
+        .map(|(_, host)| host)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::jobs::JobState;
     use crate::labels::Shape;
+    use crate::store::HostState;
 
     fn job(id: u64, vcpus: u64, memory_gb: u64) -> Job {
         Job {
@@ -73,6 +87,7 @@ mod tests {
             created_at: 0,
             assigned_at: None,
             updated_at: 0,
+            migrations: vec![],
         }
     }
 
@@ -85,6 +100,7 @@ mod tests {
             labels: vec![],
             address: "10.0.0.1".into(),
             state: HostState::Active,
+            deadline: None,
             enrolled_at: 0,
             last_heartbeat: 0,
             used_vcpus,
@@ -104,6 +120,16 @@ mod tests {
         // A job too big for any host does not block the ones behind it.
         let queue = [job(5, 32, 8), job(6, 2, 2)];
         assert_eq!(plan(&queue, &hosts), vec![(6, "small".into())]);
+    }
+
+    #[test]
+    fn a_moving_job_goes_elsewhere_and_never_to_a_reclaiming_host() {
+        let mut reclaiming = host("r", 16, 64, 0);
+        reclaiming.state = HostState::Reclaiming;
+        let hosts = [host("src", 8, 32, 4), reclaiming, host("ok", 8, 32, 0)];
+        let j = job(1, 4, 8);
+        assert_eq!(target_for(&j, &hosts, &["src".into()]), Some("ok".into()));
+        assert_eq!(target_for(&j, &hosts, &["src".into(), "ok".into()]), None);
     }
 
     #[test]

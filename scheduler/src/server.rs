@@ -34,8 +34,12 @@ pub struct AppState {
     pub host_lost_after: Duration,
     /// Wakes the placement loop: a new job or freed capacity.
     pub placement_wake: Notify,
-    /// Wakes hosts waiting in long-poll: a job was assigned.
+    /// Wakes hosts waiting in long-poll: a job was assigned, or a migration ordered.
     pub assignments: Notify,
+    /// Wakes the evacuation loop: a notice, a drain, a migration that ended.
+    pub evacuation_wake: Notify,
+    /// Local mode: where a chaos notice's host is sent to be killed when the notice runs out.
+    pub chaos_kill: Option<tokio::sync::mpsc::UnboundedSender<(String, Duration)>>,
 }
 
 impl AppState {
@@ -69,6 +73,8 @@ impl AppState {
             host_lost_after: Duration::from_secs(60),
             placement_wake: Notify::new(),
             assignments: Notify::new(),
+            evacuation_wake: Notify::new(),
+            chaos_kill: None,
         })
     }
 
@@ -142,6 +148,8 @@ impl Scheduler {
             host_lost_after: options.host_lost_after,
             placement_wake: Notify::new(),
             assignments: Notify::new(),
+            evacuation_wake: Notify::new(),
+            chaos_kill: None,
         });
         Ok(Scheduler {
             state,

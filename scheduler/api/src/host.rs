@@ -20,6 +20,13 @@ pub const MAX_POLL_WAIT_S: u64 = 60;
 #[serde(rename_all = "snake_case")]
 pub enum HostState {
     Active,
+    /// Its cloud may reclaim it soon: nothing new is placed there.
+    AtRisk,
+    /// It is going away (a termination notice, or an operator's drain): nothing new is placed
+    /// there and its jobs are moved to other hosts.
+    Reclaiming,
+    /// Reclaiming, and none of its jobs is left on it: its end loses nothing.
+    Evacuated,
     Lost,
 }
 
@@ -27,8 +34,28 @@ impl HostState {
     pub fn as_str(self) -> &'static str {
         match self {
             HostState::Active => "active",
+            HostState::AtRisk => "at_risk",
+            HostState::Reclaiming => "reclaiming",
+            HostState::Evacuated => "evacuated",
             HostState::Lost => "lost",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<HostState> {
+        [
+            HostState::Active,
+            HostState::AtRisk,
+            HostState::Reclaiming,
+            HostState::Evacuated,
+            HostState::Lost,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+
+    /// Whether new jobs (and moving ones) may go there.
+    pub fn takes_jobs(self) -> bool {
+        self == HostState::Active
     }
 }
 
@@ -88,6 +115,9 @@ pub struct Host {
     pub labels: Vec<String>,
     pub address: String,
     pub state: HostState,
+    /// When a reclaiming host goes away, milliseconds since the epoch (none for a drain).
+    #[serde(default)]
+    pub deadline: Option<i64>,
     /// Milliseconds since the epoch.
     pub enrolled_at: i64,
     /// Milliseconds since the epoch.
@@ -117,6 +147,9 @@ pub struct Assignment {
     pub shape: Shape,
     pub image: String,
     pub runner_name: String,
+    /// The job's guest network: /30 number `net_slot` of the fleet's guest range, the same on
+    /// every host the VM visits (the guest keeps its address when it moves).
+    pub net_slot: u32,
     /// Start the runner with `./run.sh --jitconfig <jit_config>`. Single use; never log it.
     #[serde(serialize_with = "serialize_exposed")]
     #[cfg_attr(feature = "openapi", schema(value_type = String))]
@@ -181,6 +214,7 @@ mod tests {
             "shape": { "vcpus": 1, "memory_gb": 1 },
             "image": "ubuntu-24.04",
             "runner_name": "hopper-7",
+            "net_slot": 0,
             "jit_config": "jitcfg_secret"
         }))
         .unwrap();

@@ -194,6 +194,9 @@ pub struct Job {
     pub assigned_at: Option<i64>,
     /// Milliseconds since the epoch.
     pub updated_at: i64,
+    /// Each move of the job's VM to another host, oldest first.
+    #[serde(default)]
+    pub migrations: Vec<crate::evacuation::Migration>,
 }
 
 impl Job {

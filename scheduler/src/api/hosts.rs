@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hopper_api::host::{DEFAULT_POLL_WAIT_S, MAX_POLL_WAIT_S};
-use hopper_api::{Assignment, Enrolled, StatusReport};
+use hopper_api::{Assignment, Enrolled, InterruptOrder, Order, ReceiveOrder, StatusReport};
 use http_body_util::BodyExt;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -25,7 +25,7 @@ use crate::jobs::{Job, VmState};
 use crate::labels::DEFAULT_SHAPE;
 use crate::secret::Secret;
 use crate::server::AppState;
-use crate::store::{Host, HostState, NewHost, ReportError};
+use crate::store::{Host, HostOrder, HostState, NewHost, ReportError};
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(DEFAULT_POLL_WAIT_S);
 const MAX_WAIT: Duration = Duration::from_secs(MAX_POLL_WAIT_S);
@@ -141,11 +141,14 @@ pub async fn heartbeat(
     }))
 }
 
-/// Long-poll for the next job to run
+/// Long-poll for the host's next order
 ///
-/// Returns the oldest job assigned to this host that the host has not acknowledged yet
-/// (acknowledge with a status report). Until acknowledged the same assignment is returned again,
-/// so the host must treat assignments idempotently by job id. Counts as a heartbeat.
+/// In this order: a chaos notice (`interrupt`, acknowledged by the host's notice report); a VM
+/// to send to a target that listens (`send`, acknowledged by a `sending` migration report); a VM
+/// to receive (`receive`, acknowledged by `listening`); the oldest job assigned to this host
+/// that it has not acknowledged with a status report (`run`). Until acknowledged the same order
+/// is returned again, so the host must treat orders idempotently (by job or migration id).
+/// Counts as a heartbeat.
 #[utoipa::path(
     get,
     path = "/api/v1/host/assignment",
@@ -158,7 +161,7 @@ pub async fn heartbeat(
          description = "Seconds to wait for an assignment (default 25; more than 60 counts as 60)"),
     ),
     responses(
-        (status = 200, description = "A job to run", body = Assignment),
+        (status = 200, description = "The next order", body = Order),
         (status = 204, description = "Nothing within the wait"),
         (status = 400, description = "`wait` is not whole seconds", body = ErrorBody),
         (status = 401, description = "Missing or unknown host token", body = ErrorBody),
@@ -188,19 +191,8 @@ pub async fn assignment(
         tokio::pin!(notified);
         notified.as_mut().enable();
         let id = host.id.clone();
-        if let Some(a) = state.store(move |s| s.assignment_for(&id)).await? {
-            let body = Assignment {
-                shape: a.job.shape.unwrap_or(DEFAULT_SHAPE),
-                image: a
-                    .job
-                    .image
-                    .clone()
-                    .unwrap_or_else(|| crate::labels::DEFAULT_IMAGE.into()),
-                runner_name: a.job.runner_name.clone().unwrap_or_default(),
-                jit_config: a.jit_config,
-                job: a.job,
-            };
-            return Ok(Json(body).into_response());
+        if let Some(order) = state.store(move |s| s.order_for(&id)).await? {
+            return Ok(Json(order_body(order)).into_response());
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
             return Ok(StatusCode::NO_CONTENT.into_response());
@@ -260,6 +252,36 @@ pub async fn report(
             Ok(Json(job))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+fn order_body(order: HostOrder) -> Order {
+    match order {
+        HostOrder::Run(a) => Order::Run(Assignment {
+            shape: a.job.shape.unwrap_or(DEFAULT_SHAPE),
+            image: a
+                .job
+                .image
+                .clone()
+                .unwrap_or_else(|| crate::labels::DEFAULT_IMAGE.into()),
+            runner_name: a.job.runner_name.clone().unwrap_or_default(),
+            jit_config: a.jit_config,
+            net_slot: a.net_slot,
+            job: a.job,
+        }),
+        HostOrder::Receive {
+            migration,
+            job,
+            net_slot,
+        } => Order::Receive(ReceiveOrder {
+            migration,
+            shape: job.shape.unwrap_or(DEFAULT_SHAPE),
+            runner_name: job.runner_name.clone().unwrap_or_default(),
+            net_slot,
+            job,
+        }),
+        HostOrder::Send(send) => Order::Send(send),
+        HostOrder::Interrupt { notice_s } => Order::Interrupt(InterruptOrder { notice_s }),
     }
 }
 

@@ -3,6 +3,7 @@
 //! checks the bearer credentials of the host and operator APIs.
 
 mod auth;
+mod evacuation;
 mod hosts;
 mod openapi;
 mod operator;
@@ -43,6 +44,10 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
         routes!(hosts::assignment),
         routes!(hosts::report),
         routes!(hosts::upload_log),
+        routes!(evacuation::notice),
+        routes!(evacuation::report),
+        routes!(evacuation::interrupt),
+        routes!(evacuation::drain),
     ]
     .into_iter()
     .fold(

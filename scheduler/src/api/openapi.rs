@@ -291,6 +291,8 @@ mod tests {
                 "GET /api/v1/jobs/{id}/logs",
                 "GET /api/v1/jobs/{id}/logs/{name}",
                 "GET /metrics",
+                "POST /api/v1/hosts/{id}/drain",
+                "POST /api/v1/hosts/{id}/interrupt",
                 "POST /api/v1/jobs",
             ]
         );

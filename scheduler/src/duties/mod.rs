@@ -1,6 +1,7 @@
 //! The scheduler's background duties, each a loop in its own module:
 //! - `placement`: queued jobs onto hosts with room; each placed job's runner registration is
 //!   its own task (`registration`) with a deadline, so a slow GitHub delays only that job;
+//! - `evacuation`: running jobs on reclaiming hosts get a target and a migration mode;
 //! - `lost_hosts`: hosts that stopped heartbeating are marked lost, with their jobs;
 //! - `reconcile`: catches up with GitHub's view of the jobs (deliveries get lost), then
 //!   `runner_cleanup` removes the runner registrations of finished jobs;
@@ -11,6 +12,7 @@
 //! but its retries with backoff can add up to minutes. Store calls have none: SQLite's busy
 //! timeout bounds them, and a blocking call could not be cancelled anyway.
 
+pub mod evacuation;
 mod lost_hosts;
 mod placement;
 mod prune;
@@ -41,6 +43,7 @@ pub struct Timing {
 /// Starts every duty in `tasks`.
 pub fn spawn_all(tasks: &mut JoinSet<()>, state: &Arc<AppState>, timing: Timing) {
     tasks.spawn(lost_hosts::run(state.clone()));
+    tasks.spawn(evacuation::run(state.clone()));
     tasks.spawn(prune::run(state.clone()));
     tasks.spawn(placement::run(state.clone(), timing.registration_timeout));
     tasks.spawn(reconcile::run(state.clone(), timing.reconcile_interval));

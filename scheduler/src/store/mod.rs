@@ -11,6 +11,7 @@ use crate::jobs::{Backwards, Job, JobState, VmState};
 use crate::labels::Shape;
 use crate::redact::JitFingerprint;
 use crate::secret::Secret;
+use hopper_api::{Migration, MigrationMode, MigrationReport, NoticeKind, SendOrder};
 
 pub use sqlite::SqliteStore;
 
@@ -76,6 +77,39 @@ pub struct RunnerGrant {
 pub struct Assignment {
     pub job: Job,
     pub jit_config: Secret,
+    pub net_slot: u32,
+}
+
+/// What a host's long-poll hands out next; each is repeated until the host acts on it (a
+/// status report, a migration report, a notice report).
+#[derive(Clone, Debug)]
+pub enum HostOrder {
+    Run(Assignment),
+    Receive {
+        migration: u64,
+        job: Job,
+        net_slot: u32,
+    },
+    Send(SendOrder),
+    Interrupt {
+        notice_s: u64,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationReportError {
+    #[error("no migration {0} involves this host")]
+    NotYours(u64),
+    #[error("a migration's {0} report comes from its other host")]
+    WrongSide(&'static str),
+    #[error("migration {id} is {result}: it cannot become {report}")]
+    Conflict {
+        id: u64,
+        result: &'static str,
+        report: &'static str,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,8 +158,46 @@ pub trait Store: Send + Sync + 'static {
     /// Moves a queued job to `assigned` on a host with its runner. False (nothing changed) when
     /// the job is no longer queued or the host is no longer active.
     fn assign(&self, job_id: u64, host_id: &str, grant: &RunnerGrant) -> Result<bool, StoreError>;
-    /// The oldest job assigned to the host that the host has not acknowledged with a report.
-    fn assignment_for(&self, host_id: &str) -> Result<Option<Assignment>, StoreError>;
+    /// The host's next order: a chaos notice, a VM to send, a VM to receive, then the oldest
+    /// job assigned to it that it has not acknowledged with a report.
+    fn order_for(&self, host_id: &str) -> Result<Option<HostOrder>, StoreError>;
+    /// A host's notice: `Reclaim` makes it reclaiming (its jobs are moved away), `AtRisk` at
+    /// risk (nothing new is placed there). Clears a pending chaos notice. `None` for a lost host.
+    fn record_notice(
+        &self,
+        host_id: &str,
+        kind: NoticeKind,
+        deadline: Option<i64>,
+    ) -> Result<Option<Host>, StoreError>;
+    /// An operator's drain: reclaiming without a deadline. `None` if unknown or lost.
+    fn drain(&self, host_id: &str) -> Result<Option<Host>, StoreError>;
+    /// A chaos notice for the host's next long-poll. `None` if unknown or not taking jobs.
+    fn interrupt(&self, host_id: &str, notice_s: u64) -> Result<Option<Host>, StoreError>;
+    /// Running jobs on reclaiming hosts with no migration under way, each with the hosts a
+    /// migration of it already failed to.
+    fn jobs_to_evacuate(&self) -> Result<Vec<(Job, Vec<String>)>, StoreError>;
+    /// Orders a running job's VM moved to host `to` (which then counts it as used). `None`
+    /// when the job is no longer running where it was, already moving, or `to` takes no jobs.
+    fn start_migration(
+        &self,
+        job_id: u64,
+        to: &str,
+        mode: MigrationMode,
+    ) -> Result<Option<Migration>, StoreError>;
+    /// A report from the source or the target of a migration; a commit (or the source's word
+    /// that it sent the VM) makes the job the target's. Also says whether this report ended it.
+    fn report_migration(
+        &self,
+        host_id: &str,
+        id: u64,
+        report: &MigrationReport,
+    ) -> Result<(Migration, bool), MigrationReportError>;
+    /// Fails migrations whose target or source did not take its order since `started_before`.
+    fn expire_migrations(&self, started_before: i64) -> Result<Vec<Migration>, StoreError>;
+    /// Reclaiming hosts with no job left become evacuated; returns their ids.
+    fn finish_evacuations(&self) -> Result<Vec<String>, StoreError>;
+    /// Replaces a job's reason (what an operator reads about it).
+    fn set_reason(&self, job_id: u64, reason: Option<&str>) -> Result<(), StoreError>;
     /// A host's report on the VM of one of its jobs; returns the job afterwards.
     fn report_vm(
         &self,

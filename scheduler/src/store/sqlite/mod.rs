@@ -6,10 +6,13 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
+mod evacuation;
+
 use super::{
-    Assignment, DeliveryOutcome, Host, HostState, JobChange, JobUpdate, LostHost, NewHost,
-    ReportError, RunnerGrant, Store, StoreError,
+    Assignment, DeliveryOutcome, Host, HostOrder, HostState, JobChange, JobUpdate, LostHost,
+    MigrationReportError, NewHost, ReportError, RunnerGrant, Store, StoreError,
 };
+use hopper_api::{Migration, MigrationMode, MigrationReport, NoticeKind};
 use crate::jobs::{transition, Job, JobState, Transition, VmState, LOCAL_JOB_ID_BASE};
 use crate::labels::Shape;
 use crate::now_ms;
@@ -67,6 +70,30 @@ CREATE TABLE hosts (
     "ALTER TABLE jobs ADD COLUMN jit_fingerprint TEXT;",
     // `up` follows jobs by their last change.
     "CREATE INDEX jobs_by_update ON jobs(updated_at);",
+    // Evacuation: a job's guest network, a host's notice deadline and pending chaos notice,
+    // and each move of a job's VM.
+    r#"
+ALTER TABLE jobs ADD COLUMN net_slot INTEGER;
+ALTER TABLE hosts ADD COLUMN deadline INTEGER;
+ALTER TABLE hosts ADD COLUMN interrupt_s INTEGER;
+CREATE TABLE migrations (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    from_host TEXT NOT NULL REFERENCES hosts(id),
+    to_host TEXT NOT NULL REFERENCES hosts(id),
+    mode TEXT NOT NULL,
+    result TEXT NOT NULL,
+    address TEXT,
+    paused_ms INTEGER,
+    total_ms INTEGER,
+    bytes INTEGER,
+    message TEXT,
+    started_at INTEGER NOT NULL,
+    ended_at INTEGER
+);
+CREATE INDEX migrations_by_job ON migrations(job_id, id);
+CREATE INDEX migrations_by_result ON migrations(result);
+"#,
 ];
 
 const JOB_COLUMNS: &str = "id, run_id, run_attempt, repository, installation_id, labels, state, \
@@ -176,6 +203,7 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
         created_at: r.get(16)?,
         assigned_at: r.get(17)?,
         updated_at: r.get(18)?,
+        migrations: Vec::new(),
     })
 }
 
@@ -185,7 +213,56 @@ fn get_job(tx: &Connection, id: u64) -> Result<Option<Job>, StoreError> {
         .prepare_cached(&sql)?
         .query_row([id as i64], job_from_row)
         .optional()?;
-    Ok(job)
+    job.map(|mut job| {
+        job.migrations = evacuation::of_job(tx, id)?;
+        Ok(job)
+    })
+    .transpose()
+}
+
+fn host_by_id(conn: &Connection, id: &str) -> Result<Option<Host>, StoreError> {
+    let sql = format!("{HOST_SELECT} WHERE h.id = ?1");
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([id], host_from_row)
+        .optional()?)
+}
+
+/// Jobs of a list query, each with its migrations.
+fn with_migrations(conn: &Connection, jobs: Vec<Job>) -> Result<Vec<Job>, StoreError> {
+    jobs.into_iter()
+        .map(|mut job| {
+            job.migrations = evacuation::of_job(conn, job.id)?;
+            Ok(job)
+        })
+        .collect()
+}
+
+/// The oldest job assigned to the host that the host has not acknowledged with a report.
+/// `running` too: GitHub may have given the job to another runner before this host started
+/// ours; the JIT runner is still wanted, since a job with these labels is waiting for it.
+fn assignment_for(conn: &Connection, host_id: &str) -> Result<Option<Assignment>, StoreError> {
+    let sql = format!(
+        "SELECT {JOB_COLUMNS}, jit_config, net_slot FROM jobs WHERE host_id = ?1 \
+         AND state IN ('assigned', 'running') AND vm_state IS NULL AND jit_config IS NOT NULL \
+         ORDER BY assigned_at, id LIMIT 1"
+    );
+    let found = conn
+        .prepare_cached(&sql)?
+        .query_row([host_id], |r| {
+            Ok((
+                job_from_row(r)?,
+                r.get::<_, String>(19)?,
+                r.get::<_, Option<u32>>(20)?,
+            ))
+        })
+        .optional()?;
+    Ok(found.map(|(job, jit, slot)| Assignment {
+        job,
+        jit_config: Secret::new(jit),
+        // Jobs assigned before slots were kept get the first; only one such job can run.
+        net_slot: slot.unwrap_or(0),
+    }))
 }
 
 fn apply(tx: &Transaction<'_>, u: &JobUpdate) -> Result<JobChange, StoreError> {
@@ -248,6 +325,7 @@ fn lose_host(
     why: &str,
 ) -> Result<LostHost, StoreError> {
     tx.execute("UPDATE hosts SET state = 'lost' WHERE id = ?1", [&host_id])?;
+    evacuation::fail_open_of_host(tx, &host_id, &format!("host {name} ({host_id}) {why}"))?;
     let jobs: Vec<u64> = tx
         .prepare("SELECT id FROM jobs WHERE host_id = ?1 AND state IN ('assigned', 'running') ORDER BY id")?
         .query_map([&host_id], |r| r.get::<_, i64>(0).map(|v| v as u64))?
@@ -264,12 +342,18 @@ fn lose_host(
     })
 }
 
+/// A host's used capacity counts its jobs and the VMs on their way to it.
 const HOST_SELECT: &str = "SELECT h.id, h.name, h.vcpus, h.memory_mb, h.labels, h.address, \
      h.state, h.enrolled_at, h.last_heartbeat, \
-     coalesce((SELECT sum(j.vcpus) FROM jobs j WHERE j.host_id = h.id \
+     coalesce((SELECT sum(j.vcpus) FROM jobs j WHERE (j.host_id = h.id OR j.id IN \
+        (SELECT m.job_id FROM migrations m WHERE m.to_host = h.id \
+         AND m.result IN ('preparing', 'listening', 'sending'))) \
         AND j.state IN ('assigned', 'running') AND coalesce(j.vm_state, '') NOT IN ('finished', 'failed')), 0), \
-     coalesce((SELECT sum(j.memory_gb) FROM jobs j WHERE j.host_id = h.id \
-        AND j.state IN ('assigned', 'running') AND coalesce(j.vm_state, '') NOT IN ('finished', 'failed')), 0) \
+     coalesce((SELECT sum(j.memory_gb) FROM jobs j WHERE (j.host_id = h.id OR j.id IN \
+        (SELECT m.job_id FROM migrations m WHERE m.to_host = h.id \
+         AND m.result IN ('preparing', 'listening', 'sending'))) \
+        AND j.state IN ('assigned', 'running') AND coalesce(j.vm_state, '') NOT IN ('finished', 'failed')), 0), \
+     h.deadline \
      FROM hosts h";
 
 fn host_from_row(r: &Row<'_>) -> rusqlite::Result<Host> {
@@ -285,11 +369,8 @@ fn host_from_row(r: &Row<'_>) -> rusqlite::Result<Host> {
         memory_mb: r.get::<_, i64>(3)? as u64,
         labels: serde_json::from_str(&labels).map_err(|e| bad(format!("labels: {e}")))?,
         address: r.get(5)?,
-        state: match state.as_str() {
-            "active" => HostState::Active,
-            "lost" => HostState::Lost,
-            other => return Err(bad(format!("host state {other}"))),
-        },
+        state: HostState::parse(&state).ok_or_else(|| bad(format!("host state {state}")))?,
+        deadline: r.get(11)?,
         enrolled_at: r.get(7)?,
         last_heartbeat: r.get(8)?,
         used_vcpus: r.get(9)?,
@@ -354,7 +435,7 @@ impl Store for SqliteStore {
         );
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map([state.map(|s| s.as_str())], job_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        with_migrations(&conn, rows.collect::<Result<_, _>>()?)
     }
 
     fn jobs_updated_since(&self, since_ms: i64) -> Result<Vec<Job>, StoreError> {
@@ -364,7 +445,7 @@ impl Store for SqliteStore {
         );
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map([since_ms], job_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        with_migrations(&conn, rows.collect::<Result<_, _>>()?)
     }
 
     fn job_counts(&self) -> Result<Vec<(JobState, u64)>, StoreError> {
@@ -384,10 +465,13 @@ impl Store for SqliteStore {
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.with_tx(|tx| {
             let now = now_ms();
+            let Some(slot) = evacuation::free_net_slot(tx)? else {
+                return Ok(false);
+            };
             let n = tx.execute(
                 "UPDATE jobs SET state = 'assigned', host_id = ?2, runner_id = ?3, \
                  runner_name = ?4, jit_config = ?5, jit_fingerprint = ?6, assigned_at = ?7, \
-                 updated_at = ?7 WHERE id = ?1 AND state = 'queued' \
+                 updated_at = ?7, net_slot = ?8 WHERE id = ?1 AND state = 'queued' \
                  AND EXISTS (SELECT 1 FROM hosts WHERE id = ?2 AND state = 'active')",
                 params![
                     job_id as i64,
@@ -396,32 +480,78 @@ impl Store for SqliteStore {
                     grant.runner_name,
                     grant.jit_config.expose(),
                     fingerprint,
-                    now
+                    now,
+                    slot
                 ],
             )?;
             Ok(n == 1)
         })
     }
 
-    // `running` too: GitHub may have given the job to another runner before this host started
-    // ours; the JIT runner is still wanted, since a job with these labels is waiting for it.
-    fn assignment_for(&self, host_id: &str) -> Result<Option<Assignment>, StoreError> {
+    fn order_for(&self, host_id: &str) -> Result<Option<HostOrder>, StoreError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let sql = format!(
-            "SELECT {JOB_COLUMNS}, jit_config FROM jobs WHERE host_id = ?1 \
-             AND state IN ('assigned', 'running') AND vm_state IS NULL AND jit_config IS NOT NULL \
-             ORDER BY assigned_at, id LIMIT 1"
-        );
-        let found = conn
-            .prepare_cached(&sql)?
-            .query_row([host_id], |r| {
-                Ok((job_from_row(r)?, r.get::<_, String>(19)?))
-            })
-            .optional()?;
-        Ok(found.map(|(job, jit)| Assignment {
-            job,
-            jit_config: Secret::new(jit),
-        }))
+        if let Some(order) = evacuation::order_for(&conn, host_id)? {
+            return Ok(Some(order));
+        }
+        Ok(assignment_for(&conn, host_id)?.map(HostOrder::Run))
+    }
+
+    fn record_notice(
+        &self,
+        host_id: &str,
+        kind: NoticeKind,
+        deadline: Option<i64>,
+    ) -> Result<Option<Host>, StoreError> {
+        self.with_tx(|tx| evacuation::record_notice(tx, host_id, kind, deadline))
+    }
+
+    fn drain(&self, host_id: &str) -> Result<Option<Host>, StoreError> {
+        self.with_tx(|tx| evacuation::drain(tx, host_id))
+    }
+
+    fn interrupt(&self, host_id: &str, notice_s: u64) -> Result<Option<Host>, StoreError> {
+        self.with_tx(|tx| evacuation::interrupt(tx, host_id, notice_s))
+    }
+
+    fn jobs_to_evacuate(&self) -> Result<Vec<(Job, Vec<String>)>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        evacuation::jobs_to_evacuate(&conn)
+    }
+
+    fn start_migration(
+        &self,
+        job_id: u64,
+        to: &str,
+        mode: MigrationMode,
+    ) -> Result<Option<Migration>, StoreError> {
+        self.with_tx(|tx| evacuation::start(tx, job_id, to, mode))
+    }
+
+    fn report_migration(
+        &self,
+        host_id: &str,
+        id: u64,
+        report: &MigrationReport,
+    ) -> Result<(Migration, bool), MigrationReportError> {
+        self.with_tx(|tx| evacuation::report(tx, host_id, id, report))
+    }
+
+    fn expire_migrations(&self, started_before: i64) -> Result<Vec<Migration>, StoreError> {
+        self.with_tx(|tx| evacuation::expire(tx, started_before))
+    }
+
+    fn finish_evacuations(&self) -> Result<Vec<String>, StoreError> {
+        self.with_tx(evacuation::finish)
+    }
+
+    fn set_reason(&self, job_id: u64, reason: Option<&str>) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "UPDATE jobs SET reason = ?2 WHERE id = ?1",
+                params![job_id as i64, reason],
+            )?;
+            Ok(())
+        })
     }
 
     fn report_vm(
@@ -529,7 +659,8 @@ impl Store for SqliteStore {
     fn heartbeat(&self, host_id: &str) -> Result<(), StoreError> {
         self.with_tx(|tx| {
             tx.prepare_cached(
-                "UPDATE hosts SET last_heartbeat = ?2, state = 'active' WHERE id = ?1",
+                "UPDATE hosts SET last_heartbeat = ?2, \
+                 state = CASE state WHEN 'lost' THEN 'active' ELSE state END WHERE id = ?1",
             )?
             .execute(params![host_id, now_ms()])?;
             Ok(())
@@ -548,7 +679,7 @@ impl Store for SqliteStore {
         self.with_tx(|tx| {
             let stale: Vec<(String, String)> = tx
                 .prepare(
-                    "SELECT id, name FROM hosts WHERE state = 'active' AND last_heartbeat < ?1",
+                    "SELECT id, name FROM hosts WHERE state != 'lost' AND last_heartbeat < ?1",
                 )?
                 .query_map([cutoff_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
@@ -563,7 +694,7 @@ impl Store for SqliteStore {
         self.with_tx(|tx| {
             let name: Option<String> = tx
                 .query_row(
-                    "SELECT name FROM hosts WHERE id = ?1 AND state = 'active'",
+                    "SELECT name FROM hosts WHERE id = ?1 AND state != 'lost'",
                     [host_id],
                     |r| r.get(0),
                 )
