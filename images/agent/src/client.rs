@@ -267,6 +267,25 @@ impl<S: Channel> AgentClient<S> {
             }
             other => other?,
         };
+        self.reply(Some(id)).map(|(_, body)| body)
+    }
+
+    /// Waits for the reply to an exec that another client sent on this channel: the host that
+    /// sent it handed the VM over while the command ran, and its reply comes here. Lines that
+    /// are not frames are skipped (the start of one may have gone to the old host).
+    pub fn resume_exec(&mut self) -> Result<ExecOutput, ClientError> {
+        let (id, body) = self.reply(None)?;
+        // Later requests must not reuse the ids of the other client's.
+        self.next_id = self.next_id.max(id + 1);
+        match body {
+            ReplyBody::Exec(out) => Ok(out),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The reply with id `want`, or with `None` the first reply of any id (frames that do not
+    /// parse are then skipped rather than an error).
+    fn reply(&mut self, want: Option<u64>) -> Result<(u64, ReplyBody), ClientError> {
         let deadline = self.timeout.map(|t| (Instant::now() + t, t));
         loop {
             let wait = match deadline {
@@ -282,19 +301,27 @@ impl<S: Channel> AgentClient<S> {
                 Ok(Some(line)) => line,
                 Ok(None) => return Err(ClientError::Closed),
                 Err(FrameError::Io(e)) if is_timeout(&e) => continue,
+                Err(FrameError::TooLarge(_)) if want.is_none() => continue,
                 Err(e) => return Err(ClientError::Frame(e)),
             };
-            let frame: AgentFrame = serde_json::from_slice(&line).map_err(|e| {
-                ClientError::BadFrame(format!("{e}: {}", String::from_utf8_lossy(&line)))
-            })?;
+            let frame: AgentFrame = match serde_json::from_slice(&line) {
+                Ok(frame) => frame,
+                Err(_) if want.is_none() => continue,
+                Err(e) => {
+                    return Err(ClientError::BadFrame(format!(
+                        "{e}: {}",
+                        String::from_utf8_lossy(&line)
+                    )))
+                }
+            };
             match frame {
                 AgentFrame::Reply(Reply {
                     id: Some(got),
                     body,
-                }) if got == id => {
+                }) if want.is_none_or(|id| id == got) => {
                     return match body {
                         ReplyBody::Error { error } => Err(ClientError::Agent(error)),
-                        body => Ok(body),
+                        body => Ok((got, body)),
                     };
                 }
                 AgentFrame::Reply(Reply {
@@ -333,6 +360,28 @@ mod tests {
         let mut client = AgentClient::new(host);
         client.set_timeout(Some(Duration::from_secs(30)));
         (client, agent)
+    }
+
+    /// A VM handed over mid-exec: the new host's client gets the reply the old one waited for,
+    /// and its own requests go on from there.
+    #[test]
+    fn a_new_client_takes_the_reply_to_an_exec_sent_by_another() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let agent = thread::spawn(move || serve(&mut guest).unwrap());
+        let mut old = AgentClient::new(host.try_clone().unwrap());
+        old.set_timeout(Some(Duration::from_secs(30)));
+        old.wait_ready(Duration::from_secs(30)).unwrap();
+        let cmd = Exec::new(["/bin/sh", "-c", "sleep 0.3; echo moved"]);
+        old.send(Op::Exec(cmd.0.clone())).unwrap();
+        drop(old);
+        let mut new = AgentClient::new(host);
+        new.set_timeout(Some(Duration::from_secs(30)));
+        let out = new.resume_exec().unwrap();
+        assert_eq!(out.stdout, b"moved\n");
+        assert!(out.exit.success());
+        assert_eq!(new.ping().unwrap(), crate::protocol::PROTOCOL_VERSION);
+        new.shutdown(false).unwrap();
+        assert_eq!(agent.join().unwrap(), Served::Shutdown { reboot: false });
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Command-line interface.
 
-mod vm;
+pub mod vm;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -143,6 +143,10 @@ pub struct PlaceArgs {
     tap: Option<String>,
     #[command(flatten)]
     host_net: HostNetArgs,
+    /// The TAP exists with its host side (address, firewall) set up by the caller, as the
+    /// runner host daemon does: this VMM installs nothing on the host.
+    #[arg(long, requires = "tap", conflicts_with_all = ["host_ip", "allow_host_ports"])]
+    tap_prepared: bool,
     /// Unix socket for the guest agent channel (required when the VM had one).
     #[arg(long)]
     agent_socket: Option<PathBuf>,
@@ -246,19 +250,14 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
         VmCommand::Receive(args) => return receive_vm(*args),
         VmCommand::Migrate(a) => (
             a.socket.clone(),
-            Request::Migrate(MigrateOptions {
-                to: a.to.clone(),
-                tls: a.tls.files()?,
-                max_downtime_ms: a.max_downtime_ms,
-                max_rounds: a.max_rounds.unwrap_or(if a.postcopy {
-                    0
-                } else {
-                    migration::source::DEFAULT_MAX_ROUNDS
-                }),
-                postcopy: a.postcopy,
-                streams: a.streams.unwrap_or_else(|| {
-                    std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u8)
-                }),
+            Request::Migrate({
+                let defaults = MigrateOptions::new(a.to.clone(), a.tls.files()?, a.postcopy);
+                MigrateOptions {
+                    max_downtime_ms: a.max_downtime_ms,
+                    max_rounds: a.max_rounds.unwrap_or(defaults.max_rounds),
+                    streams: a.streams.unwrap_or(defaults.streams),
+                    ..defaults
+                }
             }),
         ),
         VmCommand::Snapshot(a) => (
@@ -314,6 +313,14 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 impl PlaceArgs {
+    /// The host side of the VM's TAP, unless the caller prepared it.
+    fn host_side(&self, tap: Option<&str>) -> anyhow::Result<Option<GuestFirewall>> {
+        match self.tap_prepared {
+            true => Ok(None),
+            false => host_side(tap, &self.host_net),
+        }
+    }
+
     fn placement(&self) -> Placement {
         Placement {
             rootfs: self.rootfs.clone(),
@@ -336,7 +343,7 @@ fn restore_vm(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let vmm = Vmm::restore(&cfg, Box::new(std::io::stdout()))
         .with_context(|| format!("cannot restore the VM from {}", cfg.from.display()))?;
     let tap = vmm.tap().map(str::to_owned);
-    let firewall = match host_side(tap.as_deref(), &args.place.host_net) {
+    let firewall = match args.place.host_side(tap.as_deref()) {
         Ok(firewall) => firewall,
         Err(e) => {
             let had_disk = vmm.has_disk();
@@ -350,6 +357,11 @@ fn restore_vm(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     run_to_end(vmm, firewall)
 }
 
+/// What `vm receive` says on stderr once it listens (followed by the address), and once the VM
+/// runs on this host: the runner host daemon follows a migration by these lines.
+pub const LISTENING_ON: &str = "hopper-runner: waiting for a migrating VM on ";
+pub const RUNS_HERE: &str = "hopper-runner: the VM runs here";
+
 fn receive_vm(args: ReceiveArgs) -> anyhow::Result<ExitCode> {
     let cfg = ReceiveConfig {
         listen: args.listen.clone(),
@@ -361,13 +373,14 @@ fn receive_vm(args: ReceiveArgs) -> anyhow::Result<ExitCode> {
     let (incoming, firewall) = migration::target::receive(
         &cfg,
         Box::new(std::io::stdout()),
-        |addr| eprintln!("hopper-runner: waiting for a migrating VM on {addr}"),
-        |tap| host_side(tap, &args.place.host_net),
+        |addr| eprintln!("{LISTENING_ON}{addr}"),
+        |tap| args.place.host_side(tap),
     )
     .context("cannot receive the VM")?;
     let vmm = incoming
         .commit()
         .context("the migration did not complete")?;
+    eprintln!("{RUNS_HERE}");
     run_to_end(vmm, firewall)
 }
 

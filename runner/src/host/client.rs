@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use hopper_api::host::DEFAULT_POLL_WAIT_S;
-use hopper_api::{Assignment, Enrolled, LogName, NewHost, Secret, StatusReport, VmState};
+use hopper_api::{
+    Enrolled, LogName, MigrationReport, NewHost, NoticeReport, Order, Secret, StatusReport, VmState,
+};
 use reqwest::{Client, RequestBuilder, Response, StatusCode};
 
 /// How long the scheduler may hold an assignment request open.
@@ -133,10 +135,10 @@ impl SchedulerClient {
         self.send("heartbeat", req).await.map(drop)
     }
 
-    /// Waits up to [`POLL_WAIT`] for an assignment. The same job is handed out again until a
-    /// status is reported for it, so callers must treat assignments idempotently.
-    pub async fn next_assignment(&self, token: &Secret) -> Result<Option<Assignment>, ApiError> {
-        let what = "assignment poll";
+    /// Waits up to [`POLL_WAIT`] for the next order. An order comes again until the host acts
+    /// on it (reports), so callers must treat orders idempotently.
+    pub async fn next_order(&self, token: &Secret) -> Result<Option<Order>, ApiError> {
+        let what = "order poll";
         let req = self
             .http
             .get(format!(
@@ -177,6 +179,33 @@ impl SchedulerClient {
             }) => Ok(Reported::NotOurs),
             Err(e) => Err(e),
         }
+    }
+
+    pub async fn report_notice(
+        &self,
+        token: &Secret,
+        notice: &NoticeReport,
+    ) -> Result<(), ApiError> {
+        let req = self
+            .http
+            .post(format!("{}/api/v1/host/notice", self.base))
+            .bearer_auth(token.expose())
+            .json(notice);
+        self.send("notice report", req).await.map(drop)
+    }
+
+    pub async fn report_migration(
+        &self,
+        token: &Secret,
+        migration: u64,
+        report: &MigrationReport,
+    ) -> Result<(), ApiError> {
+        let req = self
+            .http
+            .post(format!("{}/api/v1/host/migrations/{migration}", self.base))
+            .bearer_auth(token.expose())
+            .json(report);
+        self.send("migration report", req).await.map(drop)
     }
 
     /// Replaces one of the job's logs at the scheduler with `body`.

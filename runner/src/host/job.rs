@@ -1,6 +1,9 @@
 //! The life of one assignment: private disk, network, VMM, guest agent, JIT config, job
 //! command, status reports, log uploads, power-off and clean-up. One task per job; several run
-//! at once, and a stop (SIGTERM, evacuation) reaches every one through its cancellation token.
+//! at once, and a stop (SIGTERM) reaches every one through its cancellation token. A job whose
+//! host is evacuated gets its send orders on a channel: its VM moves to the target while the
+//! job command runs, and the task ends once the target runs it (see `receive` for the other
+//! side).
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -8,11 +11,20 @@ use std::process::ExitStatus as ProcessStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hopper_agent::{ClientError, Exec, ExitStatus};
-use hopper_api::{Assignment, LogName, Secret, VmState};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use hopper_agent::{AgentClient, ClientError, Exec, ExecOutput, ExitStatus};
+use hopper_api::{
+    Assignment, LogName, MigrationMode, MigrationReport, MigrationStats, Secret, SendOrder,
+    VmState,
+};
+use hopper_vmm::control::{self, Request};
+use hopper_vmm::migration::{MigrateOptions, TlsFiles};
+use std::os::unix::net::UnixStream;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{Reported, SchedulerClient};
+use super::client::{ApiError, Reported, SchedulerClient};
 use super::jobdir::{JobDir, JobRecord};
 use super::logs::{self, Follower};
 use super::netslot::NetSlots;
@@ -28,6 +40,8 @@ pub const GUEST_RUN_JOB: &str = "/usr/bin/hopper-run-job";
 const POWEROFF_GRACE: Duration = Duration::from_secs(30);
 /// Final reports are retried this long, so a scheduler restart does not leave a job `running`.
 const REPORT_RETRY_FOR: Duration = Duration::from_secs(300);
+/// How long a VM that left mid-migration may take to say whether it was handed over.
+const HANDOVER_WAIT: Duration = Duration::from_secs(30);
 
 /// What every job task shares.
 pub struct JobContext {
@@ -40,10 +54,14 @@ pub struct JobContext {
     pub net: Arc<NetSlots>,
     /// The nameserver handed to guests, if the host has one they can reach.
     pub dns: Option<Ipv4Addr>,
+    /// This host's migration identity (certificate, key, fleet CA).
+    pub tls: TlsFiles,
+    /// Where other hosts reach this one (a target's listener is reported at this address).
+    pub address: String,
 }
 
 #[derive(Debug, thiserror::Error)]
-enum JobError {
+pub enum JobError {
     #[error(transparent)]
     Resources(#[from] ResourceError),
     #[error("cannot copy the root disk: {0}")]
@@ -62,8 +80,22 @@ enum JobError {
     Stopped,
 }
 
-/// Runs an assignment to its end and reports `running`, then `finished` or `failed`.
-pub async fn supervise(ctx: Arc<JobContext>, a: Assignment, stop: CancellationToken) {
+/// How a job's VM left this host.
+pub enum Ended {
+    /// The job command ended with this status; the VM is off.
+    Finished(ExitStatus),
+    /// The VM runs on another host now, which reports the job from here on.
+    Moved,
+}
+
+/// Runs an assignment to its end and reports `running`, then `finished` or `failed`, unless
+/// the VM moves to another host on an order from `sends`.
+pub async fn supervise(
+    ctx: Arc<JobContext>,
+    a: Assignment,
+    mut sends: mpsc::Receiver<SendOrder>,
+    stop: CancellationToken,
+) {
     let id = a.job.id;
     let dir = JobDir::new(&ctx.data_dir, id);
     let started = Instant::now();
@@ -83,12 +115,49 @@ pub async fn supervise(ctx: Arc<JobContext>, a: Assignment, stop: CancellationTo
                 id,
                 logs::FOLLOW_PERIOD,
             );
-            let outcome = run(&ctx, &a, &mut resources, &stop).await;
+            let outcome = run(&ctx, &a, &mut resources, &mut sends, &stop).await;
             logs.stop().await;
             (outcome, Some(resources))
         }
         Err(e) => (Err(e.into()), None),
     };
+    end(&ctx, &dir, id, started, resources, outcome).await;
+}
+
+/// The job's end on this host: it finished here (final report), or its VM moved on (the
+/// target reports from now on). Either way its resources here go.
+pub async fn end(
+    ctx: &JobContext,
+    dir: &JobDir,
+    id: u64,
+    started: Instant,
+    resources: Option<VmResources>,
+    outcome: Result<Ended, JobError>,
+) {
+    let outcome = match outcome {
+        Ok(Ended::Finished(status)) => Ok(status),
+        Ok(Ended::Moved) => {
+            dir.note("the VM moved to another host, which runs the job on");
+            if let Some(Err(e)) = resources.map(VmResources::release) {
+                tracing::error!(job = id, dir = %dir.work.display(), "cannot remove the job directory: {e}");
+            }
+            tracing::info!(job = id, after = ?started.elapsed(), "the job's VM moved to another host");
+            return;
+        }
+        Err(e) => Err(e),
+    };
+    finish(ctx, dir, id, started, resources, outcome).await;
+}
+
+/// The end of a job on its last host: the resources go, the final report is made.
+async fn finish(
+    ctx: &JobContext,
+    dir: &JobDir,
+    id: u64,
+    started: Instant,
+    resources: Option<VmResources>,
+    outcome: Result<ExitStatus, JobError>,
+) {
     let (state, message) = match &outcome {
         Ok(status) if status.success() => (
             VmState::Finished,
@@ -107,31 +176,134 @@ pub async fn supervise(ctx: Arc<JobContext>, a: Assignment, stop: CancellationTo
         VmState::Finished => tracing::info!(job = id, after = ?started.elapsed(), "{message}"),
         _ => tracing::warn!(job = id, after = ?started.elapsed(), "job failed: {message}"),
     }
-    report_final(&ctx, &dir, id, state, &message).await;
+    report_final(ctx, dir, id, state, &message).await;
 }
 
-/// Boots the job's VM and runs the job in it; the VMM is gone when this returns.
+/// Boots the job's VM and runs the job in it, or sends it away; the VMM is gone when this
+/// returns.
 async fn run(
     ctx: &JobContext,
     a: &Assignment,
     resources: &mut VmResources,
+    sends: &mut mpsc::Receiver<SendOrder>,
     stop: &CancellationToken,
-) -> Result<ExitStatus, JobError> {
+) -> Result<Ended, JobError> {
     let dir = resources.dir().clone();
     let (image, disk) = (ctx.images.rootfs.clone(), dir.disk());
     blocking(move || hopper_vmm::disk_copy::private_copy(&image, &disk))
         .await
         .map_err(JobError::Disk)?;
-    let net = resources.attach_network(&ctx.net)?;
+    let net = resources.attach_network(&ctx.net, a.net_slot)?;
     let mut vm = Vm::spawn(&ctx.images, a.shape, &dir, net, ctx.dns)?;
-    let outcome = tokio::select! {
-        outcome = drive(ctx, a, &dir, &mut vm) => outcome,
-        _ = stop.cancelled() => Err(JobError::Stopped),
-    };
+    let work = drive(ctx, a, &dir, &mut vm);
+    let outcome = until_done_or_moved(ctx, a.job.id, &dir, sends, stop, work).await;
     if let Err(e) = vm.kill().await {
         tracing::error!(job = a.job.id, pid = vm.pid(), "cannot kill the VMM: {e}");
     }
     outcome
+}
+
+/// Runs `work` (the job in its VM) while carrying out send orders; whichever ends first ends
+/// the job here. The caller kills the VMM afterwards.
+pub async fn until_done_or_moved(
+    ctx: &JobContext,
+    job: u64,
+    dir: &JobDir,
+    sends: &mut mpsc::Receiver<SendOrder>,
+    stop: &CancellationToken,
+    work: impl std::future::Future<Output = Result<ExitStatus, JobError>>,
+) -> Result<Ended, JobError> {
+    let in_flight = AtomicBool::new(false);
+    let moved = evacuate(ctx, job, dir, sends, &in_flight);
+    tokio::pin!(moved);
+    tokio::select! {
+        outcome = work => match outcome {
+            // The VM went away during a migration: handed over, or lost on the way.
+            Err(JobError::GuestStopped { .. }) if in_flight.load(Ordering::Relaxed) => {
+                match tokio::time::timeout(HANDOVER_WAIT, &mut moved).await {
+                    Ok(()) => Ok(Ended::Moved),
+                    Err(_) => outcome.map(Ended::Finished),
+                }
+            }
+            outcome => outcome.map(Ended::Finished),
+        },
+        () = &mut moved => Ok(Ended::Moved),
+        _ = stop.cancelled() => Err(JobError::Stopped),
+    }
+}
+
+/// Carries out the job's send orders, one at a time; returns once the VM runs on a target.
+/// A migration that fails leaves the VM running here, and the next order may come.
+async fn evacuate(
+    ctx: &JobContext,
+    job: u64,
+    dir: &JobDir,
+    sends: &mut mpsc::Receiver<SendOrder>,
+    in_flight: &AtomicBool,
+) {
+    while let Some(order) = sends.recv().await {
+        let m = order.migration;
+        report_migration(ctx, m, &MigrationReport::Sending).await;
+        tracing::info!(job, migration = m, to = %order.to, mode = order.mode.as_str(), "sending the job's VM");
+        dir.note(&format!(
+            "moving the VM to {} ({})",
+            order.to,
+            order.mode.as_str()
+        ));
+        in_flight.store(true, Ordering::Relaxed);
+        let postcopy = order.mode == MigrationMode::Postcopy;
+        let request = Request::Migrate(MigrateOptions::new(order.to, ctx.tls.clone(), postcopy));
+        let api = dir.api_socket();
+        let answer = blocking(move || control::call(&api, &request)).await;
+        let failure = match answer {
+            Ok(r) if r.ok => {
+                let s = r.migration.unwrap_or_default();
+                let stats = MigrationStats {
+                    paused_ms: s.downtime_ms,
+                    total_ms: s.total_ms,
+                    bytes: s.wire_bytes,
+                };
+                tracing::info!(job, migration = m, paused_ms = s.downtime_ms, total_ms = s.total_ms, bytes = s.wire_bytes, "the VM runs on the target");
+                dir.note(&format!(
+                    "handed over: guest paused {} ms, {} ms in all, {} bytes sent",
+                    s.downtime_ms, s.total_ms, s.wire_bytes
+                ));
+                report_migration(ctx, m, &MigrationReport::Sent { stats }).await;
+                return;
+            }
+            Ok(r) => r.error.unwrap_or_else(|| "refused".into()),
+            Err(e) => format!("the VMM did not answer: {e}"),
+        };
+        in_flight.store(false, Ordering::Relaxed);
+        tracing::warn!(job, migration = m, "migration failed; the VM runs on here: {failure}");
+        dir.note(&format!("the move failed, the VM runs on here: {failure}"));
+        report_migration(ctx, m, &MigrationReport::Failed { message: failure }).await;
+    }
+    // The daemon is going away; the job's end comes from elsewhere.
+    std::future::pending().await
+}
+
+/// A migration report, retried a little: the other side and the scheduler wait for it.
+pub async fn report_migration(ctx: &JobContext, migration: u64, report: &MigrationReport) {
+    let mut wait = Duration::from_millis(200);
+    for _ in 0..6 {
+        match ctx
+            .client
+            .report_migration(&ctx.token, migration, report)
+            .await
+        {
+            Ok(()) => return,
+            Err(e @ ApiError::Status { .. }) => {
+                tracing::warn!(migration, "the scheduler refused the migration report: {e}");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(migration, "migration report failed, retrying in {wait:?}: {e}");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+    }
 }
 
 /// From the VMM's start to the guest's power-off.
@@ -163,12 +335,24 @@ async fn drive(
     written.map_err(JobError::JitConfig)?;
     report(ctx, a.job.id, VmState::Running, None).await;
     // The agent's calls block; a stop kills the VMM, which ends them.
-    let (mut agent, result) = blocking(move || {
+    let (agent, result) = blocking(move || {
         agent.set_timeout(Some(job_timeout));
         let result = agent.exec(&cmd);
         (agent, result)
     })
     .await;
+    conclude(a.job.id, dir, vm, agent, result).await
+}
+
+/// The job command's end: its output into the job log, then the guest powered off (or cut
+/// off); or why the command did not end.
+pub async fn conclude(
+    job: u64,
+    dir: &JobDir,
+    vm: &mut Vm,
+    mut agent: AgentClient<UnixStream>,
+    result: Result<ExecOutput, ClientError>,
+) -> Result<ExitStatus, JobError> {
     match result {
         Ok(out) => {
             dir.append(LogName::Job, &out.stdout);
@@ -179,11 +363,11 @@ async fn drive(
                 agent.shutdown(false)
             });
             if let Err(e) = asked.await {
-                tracing::warn!(job = a.job.id, "power-off request failed: {e}");
+                tracing::warn!(job, "power-off request failed: {e}");
             }
             if vm.wait_timeout(POWEROFF_GRACE).await.is_none() {
                 tracing::warn!(
-                    job = a.job.id,
+                    job,
                     "guest did not power off within {POWEROFF_GRACE:?}; killing its VMM"
                 );
             }
@@ -203,7 +387,7 @@ async fn drive(
 }
 
 /// Runs blocking work (the disk copy, agent calls) off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f)
         .await
         .expect("the disk copy and agent calls do not panic")

@@ -1,9 +1,10 @@
 //! `hopper-runner host`: the runner host daemon. It enrolls with the scheduler, heartbeats,
-//! long-polls for assignments and runs each job in its own microVM, several at once up to the
+//! long-polls for orders and runs each job in its own microVM, several at once up to the
 //! capacity it announced (the scheduler places no more than that on it). It runs on tokio: one
 //! task per job, and one cancellation token that SIGTERM or SIGINT fires, which stops every job
 //! (VM stopped, resources removed, job reported) before the daemon exits. A watcher task reads
-//! the cloud's termination notices; so far they are only logged.
+//! the cloud's termination notices and reports them; the scheduler then orders this host's
+//! jobs sent to other hosts (`job`), and other hosts' jobs received here (`receive`).
 
 mod caplog;
 mod client;
@@ -13,18 +14,19 @@ mod jobdir;
 mod logs;
 mod netslot;
 mod notice;
+mod receive;
 mod recover;
 mod resources;
 mod vm;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use hopper_api::{NewHost, Secret};
+use hopper_api::{NewHost, NoticeKind, NoticeReport, Order, Secret, SendOrder};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -95,6 +97,29 @@ pub struct HostArgs {
     /// stand-in in tests).
     #[arg(long)]
     metadata_url: Option<String>,
+    /// Where other hosts reach this one (a host name or IP address): VMs migrating here
+    /// come to it. Default: the hostname.
+    #[arg(long)]
+    address: Option<String>,
+    /// Names of this host's guest TAP devices: the prefix, then the job's network slot. Hosts
+    /// that share a machine need different ones.
+    #[arg(long, default_value = netslot::DEFAULT_TAP_PREFIX, value_parser = tap_prefix)]
+    tap_prefix: String,
+}
+
+fn tap_prefix(s: &str) -> Result<String, String> {
+    netslot::check_prefix(s).map(|()| s.to_string())
+}
+
+/// Where the host keeps its migration identity: a certificate the scheduler's fleet CA signed
+/// at enrollment, its key, and the CA's certificate.
+fn migration_tls(data_dir: &std::path::Path) -> hopper_vmm::migration::TlsFiles {
+    let dir = data_dir.join("tls");
+    hopper_vmm::migration::TlsFiles {
+        cert: dir.join("host.pem"),
+        key: dir.join("host.key"),
+        ca: dir.join("fleet-ca.pem"),
+    }
 }
 
 fn hostname() -> String {
@@ -158,11 +183,11 @@ pub fn run(args: HostArgs) -> anyhow::Result<()> {
     };
     let name = args.name.clone().unwrap_or_else(hostname);
     let info = NewHost {
-        name: name.clone(),
+        address: args.address.clone().unwrap_or_else(|| name.clone()),
+        name,
         vcpus,
         memory_mb,
         labels: args.labels.clone(),
-        address: name,
     };
     info.validate()
         .map_err(|e| anyhow::anyhow!("the scheduler would refuse this host: {e}"))?;
@@ -195,7 +220,8 @@ async fn serve(
         notice::Timing::default(),
         stop.clone(),
     );
-    tokio::spawn(log_notices(notices));
+    let (reports, to_report) = mpsc::channel(16);
+    tokio::spawn(forward_notices(notices, reports.clone()));
     let creds = tokio::select! {
         creds = enroll_when_reachable(&client, &args.data_dir, &enroll_secret, &info) => creds?,
         _ = stop.cancelled() => return Ok(()),
@@ -207,13 +233,16 @@ async fn serve(
         images,
         agent_timeout: Duration::from_secs(args.agent_timeout),
         job_timeout: Duration::from_secs(args.job_timeout),
-        net: NetSlots::new(),
+        net: NetSlots::new(&args.tap_prefix),
         dns: std::fs::read_to_string("/etc/resolv.conf")
             .ok()
             .and_then(|c| netslot::host_nameserver(&c)),
+        tls: migration_tls(&args.data_dir),
+        address: info.address.clone(),
     });
-    crate::network::install_guest_nat(netslot::GUEST_NET, netslot::TAP_PREFIX)
+    crate::network::install_guest_nat(netslot::GUEST_NET)
         .context("cannot give guests outbound network access")?;
+    tokio::spawn(report_notices(ctx.clone(), to_report));
     recover::recover(&ctx)
         .await
         .context("cannot clean up the jobs of the previous run")?;
@@ -226,7 +255,7 @@ async fn serve(
         stop.clone(),
     ));
     let mut jobs = JoinSet::new();
-    let result = poll_loop(&ctx, &stop, &mut jobs).await;
+    let result = poll_loop(&ctx, &stop, &mut jobs, &reports).await;
     // Whatever ended the loop ends the jobs too: no VM runs without its daemon.
     stop.cancel();
     if !jobs.is_empty() {
@@ -258,23 +287,69 @@ fn watch_signals(stop: CancellationToken) -> std::io::Result<()> {
     Ok(())
 }
 
-/// For now a notice is only logged: reporting it to the scheduler and moving the jobs away is
-/// the evacuation's, still to come.
-async fn log_notices(mut notices: mpsc::Receiver<notice::Notice>) {
+/// Logs each notice of the cloud and passes those that concern the jobs on to be reported.
+async fn forward_notices(
+    mut notices: mpsc::Receiver<notice::Notice>,
+    reports: mpsc::Sender<NoticeReport>,
+) {
     while let Some(n) = notices.recv().await {
         let (cloud, event_id, detail) = (n.cloud, n.event_id.as_deref(), &n.detail);
-        match n.kind {
+        let report = match n.kind {
             notice::Kind::Reclaim { deadline } => {
                 let left = deadline
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();
-                tracing::warn!(%cloud, deadline = %notice::show_time(deadline), seconds_left = left.as_secs(), event_id, "termination notice, not acted upon yet: the host will be reclaimed ({detail})");
+                tracing::warn!(%cloud, deadline = %notice::show_time(deadline), seconds_left = left.as_secs(), event_id, "termination notice: the host will be reclaimed ({detail})");
+                NoticeReport {
+                    kind: NoticeKind::Reclaim,
+                    deadline: Some(epoch_ms(deadline)),
+                    source: cloud.to_string(),
+                }
             }
             notice::Kind::AtRisk => {
-                tracing::warn!(%cloud, event_id, "termination notice, not acted upon yet: the host is at risk ({detail})")
+                tracing::warn!(%cloud, event_id, "the host is at risk ({detail})");
+                NoticeReport {
+                    kind: NoticeKind::AtRisk,
+                    deadline: None,
+                    source: cloud.to_string(),
+                }
             }
             notice::Kind::Maintenance => {
-                tracing::warn!(%cloud, event_id, "maintenance notice: the host will be paused a moment ({detail})")
+                tracing::warn!(%cloud, event_id, "maintenance notice: the host will be paused a moment ({detail})");
+                continue;
+            }
+        };
+        if reports.send(report).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn epoch_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Reports each notice to the scheduler, retrying until it is taken: the scheduler moves the
+/// jobs only once it knows.
+async fn report_notices(ctx: Arc<JobContext>, mut reports: mpsc::Receiver<NoticeReport>) {
+    while let Some(report) = reports.recv().await {
+        let mut wait = Duration::from_millis(500);
+        loop {
+            match ctx.client.report_notice(&ctx.token, &report).await {
+                Ok(()) => {
+                    tracing::info!(source = %report.source, "notice reported to the scheduler");
+                    break;
+                }
+                Err(e @ ApiError::Status { .. }) => {
+                    tracing::error!(source = %report.source, "the scheduler refused the notice: {e}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("notice report failed, retrying in {wait:?}: {e}");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
             }
         }
     }
@@ -319,14 +394,19 @@ async fn heartbeat_loop(
     }
 }
 
-/// Takes assignments and starts a task for each new job. Returns when `stop` fires, or with an
-/// error when the scheduler no longer knows this host.
+/// Takes orders: a task for each new job or arriving VM, send orders to the task of their job,
+/// chaos notices to the notice reporter. Returns when `stop` fires, or with an error when the
+/// scheduler no longer knows this host.
 async fn poll_loop(
     ctx: &Arc<JobContext>,
     stop: &CancellationToken,
     jobs: &mut JoinSet<u64>,
+    notices: &mpsc::Sender<NoticeReport>,
 ) -> anyhow::Result<()> {
-    let mut active = HashSet::new();
+    // The job tasks, by job id, with where their send orders go.
+    let mut active: HashMap<u64, mpsc::Sender<SendOrder>> = HashMap::new();
+    // Migrations already taken: their orders come again until reported on.
+    let mut taken = HashSet::new();
     let mut backoff = Duration::from_secs(1);
     loop {
         while let Some(done) = jobs.try_join_next() {
@@ -340,38 +420,91 @@ async fn poll_loop(
             }
         }
         let polled = tokio::select! {
-            polled = ctx.client.next_assignment(&ctx.token) => polled,
+            polled = ctx.client.next_order(&ctx.token) => polled,
             _ = stop.cancelled() => return Ok(()),
         };
-        let assignment = match polled {
-            Ok(a) => {
+        let order = match polled {
+            Ok(o) => {
                 backoff = Duration::from_secs(1);
-                a
+                o
             }
             Err(ApiError::Unauthorized(msg)) => bail!(
                 "the scheduler no longer accepts this host's token ({msg}); remove {} to enroll again",
                 ctx.data_dir.join(enroll::FILE).display()
             ),
             Err(e) => {
-                tracing::warn!("assignment poll failed, retrying in {backoff:?}: {e}");
+                tracing::warn!("order poll failed, retrying in {backoff:?}: {e}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
                 continue;
             }
         };
-        let Some(a) = assignment else { continue };
-        let id = a.job.id;
-        // The scheduler repeats an assignment until its first status report arrives; the
-        // pause keeps a slow report from turning this into a busy loop.
-        if !active.insert(id) {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
+        let Some(order) = order else { continue };
+        // The scheduler repeats an order until it hears back; the pause keeps a slow report
+        // from turning a repeat into a busy loop.
+        let repeat = || tokio::time::sleep(Duration::from_millis(200));
+        match order {
+            Order::Run(a) => {
+                let id = a.job.id;
+                if active.contains_key(&id) {
+                    repeat().await;
+                    continue;
+                }
+                tracing::info!(job = id, vcpus = a.shape.vcpus(), memory_gb = a.shape.memory_gb(), image = %a.image, runner = %a.runner_name, "assignment");
+                let (tx, rx) = mpsc::channel(4);
+                active.insert(id, tx);
+                let (ctx, stop) = (ctx.clone(), stop.child_token());
+                jobs.spawn(async move {
+                    job::supervise(ctx, a, rx, stop).await;
+                    id
+                });
+            }
+            Order::Receive(r) => {
+                let id = r.job.id;
+                if active.contains_key(&id) || !taken.insert(r.migration) {
+                    repeat().await;
+                    continue;
+                }
+                tracing::info!(job = id, migration = r.migration, vcpus = r.shape.vcpus(), memory_gb = r.shape.memory_gb(), "receiving a job's VM from another host");
+                let (tx, rx) = mpsc::channel(4);
+                active.insert(id, tx);
+                let (ctx, stop) = (ctx.clone(), stop.child_token());
+                jobs.spawn(async move {
+                    receive::receive(ctx, r, rx, stop).await;
+                    id
+                });
+            }
+            Order::Send(o) => {
+                if !taken.insert(o.migration) {
+                    repeat().await;
+                    continue;
+                }
+                match active.get(&o.job_id) {
+                    Some(tx) => {
+                        let _ = tx.send(o).await;
+                    }
+                    None => {
+                        let failed = hopper_api::MigrationReport::Failed {
+                            message: format!("job {} does not run on this host", o.job_id),
+                        };
+                        job::report_migration(ctx, o.migration, &failed).await;
+                    }
+                }
+            }
+            Order::Interrupt(i) => {
+                let deadline = SystemTime::now() + Duration::from_secs(i.notice_s);
+                tracing::warn!(notice_s = i.notice_s, "chaos: termination notice from the scheduler");
+                let report = NoticeReport {
+                    kind: NoticeKind::Reclaim,
+                    deadline: Some(epoch_ms(deadline)),
+                    source: "chaos".into(),
+                };
+                if notices.send(report).await.is_err() {
+                    return Ok(());
+                }
+                // Acknowledged by the report; until then the order comes again.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
-        tracing::info!(job = id, vcpus = a.shape.vcpus(), memory_gb = a.shape.memory_gb(), image = %a.image, runner = %a.runner_name, "assignment");
-        let (ctx, stop) = (ctx.clone(), stop.child_token());
-        jobs.spawn(async move {
-            job::supervise(ctx, a, stop).await;
-            id
-        });
     }
 }

@@ -1,7 +1,10 @@
-//! Guest networks of the jobs on this host: each running job gets a slot, that is a TAP device
-//! `hjob<N>` and a /30 out of 172.16.0.0/16 (host end .1, guest .2). Slots are returned when
-//! the job's VM is gone, so the same TAP name never belongs to two live VMs.
+//! Guest networks of the jobs on this host. The scheduler gives each job a slot of the fleet's
+//! guest range, 172.16.0.0/16: a /30 (host end .1, guest .2) that the job keeps on every host
+//! its VM visits, so the guest keeps its address and gateway when it moves. Here a slot is a
+//! TAP device `<prefix><slot>` with that /30's host end; the prefix is this daemon's own, so
+//! daemons sharing a machine never touch each other's devices.
 
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
@@ -12,32 +15,66 @@ pub const GUEST_NET: Cidr = Cidr {
     addr: Ipv4Addr::new(172, 16, 0, 0),
     prefix: 16,
 };
-pub const TAP_PREFIX: &str = "hjob";
+pub const DEFAULT_TAP_PREFIX: &str = "hjob";
 /// /30 networks in a /16.
-const SLOTS: usize = 1 << 14;
+const SLOTS: u32 = 1 << 14;
+/// Interface names have at most 15 bytes, and a slot takes up to 5 digits.
+const MAX_PREFIX_LEN: usize = 10;
 
+/// The slots this host's VMs hold.
 pub struct NetSlots {
-    used: Mutex<Vec<bool>>,
+    prefix: String,
+    used: Mutex<HashSet<u32>>,
 }
 
 pub struct NetSlot {
-    index: usize,
+    index: u32,
     slots: Arc<NetSlots>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error("guest network slot {0} is outside the fleet's range (0 to 16383)")]
+    OutOfRange(u32),
+    #[error("guest network slot {0} is taken by another VM on this host")]
+    Taken(u32),
+}
+
+/// Checks a TAP prefix given on the command line.
+pub fn check_prefix(prefix: &str) -> Result<(), String> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= MAX_PREFIX_LEN
+        && prefix.bytes().all(|b| b.is_ascii_lowercase())
+        && prefix.starts_with('h');
+    match ok {
+        true => Ok(()),
+        false => Err(format!(
+            "a TAP prefix is 1 to {MAX_PREFIX_LEN} lowercase letters starting with 'h', not {prefix:?}"
+        )),
+    }
+}
+
 impl NetSlots {
-    pub fn new() -> Arc<Self> {
+    pub fn new(prefix: &str) -> Arc<Self> {
         Arc::new(NetSlots {
-            used: Mutex::new(vec![false; SLOTS]),
+            prefix: prefix.to_string(),
+            used: Mutex::new(HashSet::new()),
         })
     }
 
-    /// The lowest free slot, or `None` when all are taken.
-    pub fn acquire(self: &Arc<Self>) -> Option<NetSlot> {
-        let mut used = self.used.lock().unwrap();
-        let index = used.iter().position(|u| !u)?;
-        used[index] = true;
-        Some(NetSlot {
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Takes the slot the scheduler gave a job.
+    pub fn acquire(self: &Arc<Self>, index: u32) -> Result<NetSlot, SlotError> {
+        if index >= SLOTS {
+            return Err(SlotError::OutOfRange(index));
+        }
+        if !self.used.lock().unwrap().insert(index) {
+            return Err(SlotError::Taken(index));
+        }
+        Ok(NetSlot {
             index,
             slots: self.clone(),
         })
@@ -46,11 +83,11 @@ impl NetSlots {
 
 impl NetSlot {
     pub fn tap(&self) -> String {
-        format!("{TAP_PREFIX}{}", self.index)
+        format!("{}{}", self.slots.prefix, self.index)
     }
 
     fn addr(&self, offset: u32) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(GUEST_NET.addr) + self.index as u32 * 4 + offset)
+        Ipv4Addr::from(u32::from(GUEST_NET.addr) + self.index * 4 + offset)
     }
 
     /// The host's end of the TAP: the guest's gateway.
@@ -73,7 +110,7 @@ impl NetSlot {
 
 impl Drop for NetSlot {
     fn drop(&mut self) {
-        self.slots.used.lock().unwrap()[self.index] = false;
+        self.slots.used.lock().unwrap().remove(&self.index);
     }
 }
 
@@ -91,21 +128,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slots_are_distinct_and_reused_after_release() {
-        let slots = NetSlots::new();
-        let a = slots.acquire().unwrap();
-        let b = slots.acquire().unwrap();
-        assert_eq!(
-            (a.tap(), b.tap()),
-            ("hjob0".to_string(), "hjob1".to_string())
-        );
+    fn a_slot_is_held_once_and_free_again_after_release() {
+        let slots = NetSlots::new("hab");
+        let a = slots.acquire(0).unwrap();
+        let b = slots.acquire(1).unwrap();
+        assert_eq!((a.tap(), b.tap()), ("hab0".to_string(), "hab1".to_string()));
         assert_eq!(b.host().to_string(), "172.16.0.5/30");
         assert_eq!(
             b.guest_kernel_args(None),
             "hopper.ip=172.16.0.6/30 hopper.gw=172.16.0.5"
         );
+        assert!(matches!(slots.acquire(0), Err(SlotError::Taken(0))));
+        assert!(matches!(slots.acquire(1 << 14), Err(SlotError::OutOfRange(_))));
         drop(a);
-        assert_eq!(slots.acquire().unwrap().tap(), "hjob0");
+        assert_eq!(slots.acquire(0).unwrap().tap(), "hab0");
+        let last = slots.acquire((1 << 14) - 1).unwrap();
+        assert_eq!(last.host().to_string(), "172.16.255.253/30");
+        assert!(format!("hjobabcdef{}", (1 << 14) - 1).len() <= 15);
+    }
+
+    #[test]
+    fn tap_prefixes_fit_interface_names() {
+        assert!(check_prefix("hjob").is_ok());
+        assert!(check_prefix("hjobabcdef").is_ok());
+        for bad in ["", "hjobabcdefg", "job", "h1", "hJ", "h-"] {
+            assert!(check_prefix(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

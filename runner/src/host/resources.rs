@@ -10,15 +10,15 @@ use std::sync::Arc;
 use hopper_vmm::tap::{Tap, TapError};
 
 use super::jobdir::{JobDir, JobRecord};
-use super::netslot::{NetSlot, NetSlots, TAP_PREFIX};
+use super::netslot::{NetSlot, NetSlots, SlotError};
 use crate::network::{self, GuestFirewall, NetworkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResourceError {
     #[error("cannot prepare the job directory {dir}: {cause}")]
     Prepare { dir: String, cause: io::Error },
-    #[error("no guest network is free on this host")]
-    NoNetwork,
+    #[error(transparent)]
+    Slot(#[from] SlotError),
     #[error("cannot create the guest's TAP device: {0}")]
     Tap(#[from] TapError),
     #[error("cannot set up the guest's network: {0}")]
@@ -83,9 +83,14 @@ impl VmResources {
         &self.dir
     }
 
-    /// Takes a network slot and makes its TAP, with the host's address and the firewall.
-    pub fn attach_network(&mut self, slots: &Arc<NetSlots>) -> Result<&NetSlot, ResourceError> {
-        let slot = slots.acquire().ok_or(ResourceError::NoNetwork)?;
+    /// Takes the job's network slot and makes its TAP, with the host's address and the
+    /// firewall.
+    pub fn attach_network(
+        &mut self,
+        slots: &Arc<NetSlots>,
+        index: u32,
+    ) -> Result<&NetSlot, ResourceError> {
+        let slot = slots.acquire(index)?;
         let tap = PersistentTap::create(&slot.tap())?;
         let firewall = network::set_up_host_side(&tap.0, Some(slot.host()), &[])?;
         let net = self.net.insert(GuestNet {
@@ -119,16 +124,17 @@ impl Drop for VmResources {
     }
 }
 
-/// Removes the TAP devices and firewall tables of job networks that no live job holds: what a
-/// daemon that was killed left. Run at start, after the old daemon's VMMs are gone.
-pub fn clear_leftovers() -> Result<(), NetworkError> {
+/// Removes this daemon's TAP devices (`prefix<N>`) and firewall tables of job networks that no
+/// live job holds: what a daemon that was killed left. Run at start, after the old daemon's
+/// VMMs are gone.
+pub fn clear_leftovers(prefix: &str) -> Result<(), NetworkError> {
     let taps = std::fs::read_dir("/sys/class/net")
         .map_err(|source| NetworkError::Interface {
             name: "/sys/class/net".into(),
             source,
         })?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|name| name.starts_with(TAP_PREFIX));
+        .filter(|name| network::is_numbered(name, prefix));
     for tap in taps {
         match remove_tap(&tap) {
             Ok(()) => tracing::warn!(tap, "removed a guest TAP device left by a previous run"),
@@ -138,7 +144,7 @@ pub fn clear_leftovers() -> Result<(), NetworkError> {
             ),
         }
     }
-    for table in network::remove_guest_firewalls(TAP_PREFIX)? {
+    for table in network::remove_guest_firewalls(prefix)? {
         tracing::warn!(
             table,
             "removed a guest firewall table left by a previous run"

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use hopper_agent::{AgentClient, ClientError};
 use hopper_api::{LogName, Shape};
+use hopper_vmm::migration::TlsFiles;
 use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::caplog::CappedLog;
@@ -64,8 +66,8 @@ impl Vm {
         dns: Option<Ipv4Addr>,
     ) -> Result<Vm, VmError> {
         let exe = std::env::current_exe().map_err(VmError::Spawn)?;
-        let mut child = Command::new(exe)
-            .args(["vm", "run", "--cmdline"])
+        let mut cmd = Command::new(exe);
+        cmd.args(["vm", "run", "--cmdline"])
             .arg(format!("{CMDLINE} {}", net.guest_kernel_args(dns)))
             .args(["--tap", &net.tap(), "--tap-prepared"])
             .arg("--kernel")
@@ -79,7 +81,44 @@ impl Vm {
             .arg("--agent-socket")
             .arg(dir.agent_socket())
             .arg("--api-socket")
-            .arg(dir.api_socket())
+            .arg(dir.api_socket());
+        Self::start(cmd, dir, None)
+    }
+
+    /// Starts a VMM that waits for a VM migrated from another host (`vm receive`), on the
+    /// job's disk path and network; what it says about the migration (where it listens, that
+    /// the VM runs here) comes on `events`.
+    pub fn receive(
+        tls: &TlsFiles,
+        dir: &JobDir,
+        net: &NetSlot,
+        events: mpsc::UnboundedSender<String>,
+    ) -> Result<Vm, VmError> {
+        let exe = std::env::current_exe().map_err(VmError::Spawn)?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["vm", "receive", "--listen", "0.0.0.0:0"])
+            .arg("--tls-cert")
+            .arg(&tls.cert)
+            .arg("--tls-key")
+            .arg(&tls.key)
+            .arg("--tls-ca")
+            .arg(&tls.ca)
+            .args(["--tap", &net.tap(), "--tap-prepared"])
+            .arg("--rootfs")
+            .arg(dir.disk())
+            .arg("--agent-socket")
+            .arg(dir.agent_socket())
+            .arg("--api-socket")
+            .arg(dir.api_socket());
+        Self::start(cmd, dir, Some(events))
+    }
+
+    fn start(
+        mut cmd: Command,
+        dir: &JobDir,
+        events: Option<mpsc::UnboundedSender<String>>,
+    ) -> Result<Vm, VmError> {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -93,8 +132,8 @@ impl Vm {
         let stdout = File::from(stdout.into_owned_fd().map_err(VmError::Spawn)?);
         let stderr = File::from(stderr.into_owned_fd().map_err(VmError::Spawn)?);
         let captures = vec![
-            capture(stdout, dir, LogName::Console),
-            capture(stderr, dir, LogName::Vmm),
+            capture(stdout, dir, LogName::Console, None),
+            capture(stderr, dir, LogName::Vmm, events),
         ];
         // A restarted daemon finds the VMM by this file (see recover.rs).
         dir.write_pid(pid).map_err(VmError::Spawn)?;
@@ -117,16 +156,7 @@ impl Vm {
         timeout: Duration,
     ) -> Result<AgentClient<UnixStream>, VmError> {
         let deadline = Instant::now() + timeout;
-        let stream = loop {
-            if let Some(status) = self.exited() {
-                return Err(VmError::ExitedEarly(status));
-            }
-            match UnixStream::connect(&self.agent_socket) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => tokio::time::sleep(SOCKET_POLL).await,
-                Err(_) => return Err(VmError::AgentTimeout(timeout)),
-            }
-        };
+        let stream = self.connect(deadline, timeout).await?;
         let left = deadline.saturating_duration_since(Instant::now());
         let ready = tokio::task::spawn_blocking(move || {
             let mut agent = AgentClient::new(stream);
@@ -146,6 +176,33 @@ impl Vm {
             }
             Err(ClientError::Timeout(_)) => Err(VmError::AgentTimeout(timeout)),
             Err(e) => Err(VmError::Agent(e)),
+        }
+    }
+
+    /// Connects to the agent channel of a guest that is past its handshake (a VM received
+    /// mid-job): whatever the agent says next is for the caller.
+    pub async fn attach_agent(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<AgentClient<UnixStream>, VmError> {
+        let stream = self.connect(Instant::now() + timeout, timeout).await?;
+        Ok(AgentClient::new(stream))
+    }
+
+    async fn connect(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<UnixStream, VmError> {
+        loop {
+            if let Some(status) = self.exited() {
+                return Err(VmError::ExitedEarly(status));
+            }
+            match UnixStream::connect(&self.agent_socket) {
+                Ok(s) => return Ok(s),
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(SOCKET_POLL).await,
+                Err(_) => return Err(VmError::AgentTimeout(timeout)),
+            }
         }
     }
 
@@ -179,10 +236,17 @@ impl Vm {
 }
 
 /// Copies what the VMM writes on one pipe into one of the job's logs, within the log's cap,
-/// until the VMM closes the pipe (it exits).
-fn capture(mut pipe: File, dir: &JobDir, log: LogName) -> JoinHandle<()> {
+/// until the VMM closes the pipe (it exits). The VMM's own lines (`hopper-runner: …`) also go
+/// to `events`; only its stderr gets one, where the guest cannot write.
+fn capture(
+    mut pipe: File,
+    dir: &JobDir,
+    log: LogName,
+    events: Option<mpsc::UnboundedSender<String>>,
+) -> JoinHandle<()> {
     let path = dir.log(log);
     tokio::task::spawn_blocking(move || {
+        let mut lines = events.map(|tx| (tx, Vec::new()));
         let mut out = match CappedLog::open(&path) {
             Ok(out) => Some(out),
             Err(e) => {
@@ -195,6 +259,9 @@ fn capture(mut pipe: File, dir: &JobDir, log: LogName) -> JoinHandle<()> {
             match pipe.read(&mut buf) {
                 Ok(0) => return,
                 Ok(n) => {
+                    if let Some((tx, line)) = lines.as_mut() {
+                        forward_lines(&buf[..n], line, tx);
+                    }
                     if let Some(Err(e)) = out.as_mut().map(|o| o.append(&buf[..n])) {
                         tracing::warn!(log = %path.display(), "cannot write the log; its output is dropped: {e}");
                         out = None;
@@ -205,4 +272,38 @@ fn capture(mut pipe: File, dir: &JobDir, log: LogName) -> JoinHandle<()> {
             }
         }
     })
+}
+
+/// Sends each complete line of the VMM's own (`hopper-runner: …`) in `chunk` to `tx`; `line`
+/// holds a line's start until its end arrives (bounded: longer lines are not ours).
+fn forward_lines(chunk: &[u8], line: &mut Vec<u8>, tx: &mpsc::UnboundedSender<String>) {
+    const OURS: &[u8] = b"hopper-runner: ";
+    for &b in chunk {
+        if b != b'\n' {
+            if line.len() < 4096 {
+                line.push(b);
+            }
+            continue;
+        }
+        if line.starts_with(OURS) {
+            let _ = tx.send(String::from_utf8_lossy(line).into_owned());
+        }
+        line.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_whole_lines_of_the_vmm_are_forwarded() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut line = Vec::new();
+        forward_lines(b"noise\nhopper-runner: wait", &mut line, &tx);
+        assert!(rx.try_recv().is_err());
+        forward_lines(b"ing on 0.0.0.0:4\nguest hopper-runner: no\n", &mut line, &tx);
+        assert_eq!(rx.try_recv().unwrap(), "hopper-runner: waiting on 0.0.0.0:4");
+        assert!(rx.try_recv().is_err());
+    }
 }

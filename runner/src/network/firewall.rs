@@ -71,7 +71,14 @@ fn table_name(tap: &str) -> String {
     )
 }
 
-/// Removes the guest firewall tables of every interface named `tap_prefix…`; returns their
+/// Whether `name` is `prefix` followed by a number: one of the interfaces (or tables) made
+/// with that prefix, and not one of another prefix that starts the same.
+pub fn is_numbered(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes the guest firewall tables of every interface named `tap_prefix<N>`; returns their
 /// names.
 pub fn remove_guest_firewalls(tap_prefix: &str) -> Result<Vec<String>, NetworkError> {
     let out = Command::new("nft")
@@ -88,7 +95,7 @@ pub fn remove_guest_firewalls(tap_prefix: &str) -> Result<Vec<String>, NetworkEr
     let tables: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.trim().strip_prefix("table inet "))
-        .filter(|t| t.starts_with(&ours))
+        .filter(|t| is_numbered(t, &ours))
         .map(str::to_string)
         .collect();
     for table in &tables {
@@ -110,10 +117,11 @@ impl GuestFirewall {
     }
 }
 
-/// Outbound access for all guests of a host: IP forwarding on, guest addresses (`guests`)
-/// masqueraded behind the host, and no traffic from one guest interface (`tap_prefix*`) to
-/// another. Installed once by the host daemon; replaced whole on the next start.
-pub fn install_guest_nat(guests: Cidr, tap_prefix: &str) -> Result<(), NetworkError> {
+/// Outbound access for all guests of a host: IP forwarding on, guest addresses (`guests`, the
+/// fleet's guest range) masqueraded behind the host, and no traffic from one guest to another.
+/// By address, not interface: every daemon on a machine installs the same table, whatever its
+/// interfaces are called. Installed at start; replaced whole on the next.
+pub fn install_guest_nat(guests: Cidr) -> Result<(), NetworkError> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(NetworkError::Forwarding)?;
     let table = "hopper_nat";
     let script = format!(
@@ -121,15 +129,15 @@ pub fn install_guest_nat(guests: Cidr, tap_prefix: &str) -> Result<(), NetworkEr
          table ip {table} {{\n\
          \x20 chain postrouting {{\n\
          \x20   type nat hook postrouting priority srcnat; policy accept;\n\
-         \x20   ip saddr {guests} oifname != \"{tap_prefix}*\" masquerade\n\
+         \x20   ip saddr {guests} ip daddr != {guests} masquerade\n\
          \x20 }}\n\
          \x20 chain forward {{\n\
          \x20   type filter hook forward priority -10; policy accept;\n\
-         \x20   iifname \"{tap_prefix}*\" oifname \"{tap_prefix}*\" drop\n\
+         \x20   ip saddr {guests} ip daddr {guests} drop\n\
          \x20 }}\n\
          }}\n"
     );
-    nft(&script, tap_prefix)
+    nft(&script, table)
 }
 
 impl Drop for GuestFirewall {

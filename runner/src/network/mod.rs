@@ -12,7 +12,7 @@ mod interface;
 
 use std::net::Ipv4Addr;
 
-pub use firewall::{install_guest_nat, remove_guest_firewalls, GuestFirewall};
+pub use firewall::{install_guest_nat, is_numbered, remove_guest_firewalls, GuestFirewall};
 pub use interface::configure_interface;
 
 #[derive(Debug, thiserror::Error)]

@@ -58,6 +58,21 @@ fn one_stream() -> u8 {
     1
 }
 
+impl MigrateOptions {
+    /// The defaults: pre-copy for up to [`DEFAULT_MAX_ROUNDS`] rounds (post-copy hands over at
+    /// once), as many streams as this host has CPUs, at most 4.
+    pub fn new(to: String, tls: TlsFiles, postcopy: bool) -> Self {
+        MigrateOptions {
+            to,
+            tls,
+            max_downtime_ms: DEFAULT_MAX_DOWNTIME_MS,
+            max_rounds: if postcopy { 0 } else { DEFAULT_MAX_ROUNDS },
+            postcopy,
+            streams: std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u8),
+        }
+    }
+}
+
 /// What a migration took.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationSummary {
