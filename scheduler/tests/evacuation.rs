@@ -152,7 +152,23 @@ async fn a_notice_moves_the_job_and_failures_are_said_or_retried() {
     );
     assert_eq!(migration_report(src, m, json!({"state": "sending"})).await, 200);
     assert_eq!(order(src).await, None);
+    let up = src.upload_log(job, "console", b"booted on a\n".to_vec()).await;
+    assert_eq!(up.status(), 200);
     assert_eq!(migration_report(dst, m, json!({"state": "committed"})).await, 200);
+    // One console log: the source's part, then what the target uploads from empty.
+    assert_eq!(
+        dst.upload_log(job, "console", b"on b\n".to_vec()).await.status(),
+        200
+    );
+    let console = s
+        .operator(Method::GET, &format!("/api/v1/jobs/{job}/logs/console"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(console, "booted on a\non b\n");
     let moved = s.job(job).await.unwrap();
     assert_eq!(moved["host_id"], dst.id.as_str());
     assert_eq!(moved["state"], "running");

@@ -184,6 +184,18 @@ impl SchedulerProcess {
             .map_err(|e| self.error(format!("GET {path}: {e}")))
     }
 
+    /// POSTs `body` to an operator API path (e.g. a host's interrupt); returns the status.
+    pub fn post_json(&self, path: &str, body: &Value) -> Result<u16, HarnessError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(&self.operator_token)
+            .json(body)
+            .send()
+            .map_err(|e| self.error(format!("POST {path}: {e}")))?;
+        Ok(resp.status().as_u16())
+    }
+
     fn get(&self, path: &str) -> Result<reqwest::blocking::Response, HarnessError> {
         let resp = self
             .http

@@ -263,7 +263,7 @@ fn sigterm_stops_the_running_job_and_leaves_nothing(s: &Setup) -> anyhow::Result
     let id = 7_300_001;
     s.queue(id, &["hopper-1cpu-1gb", "e2e-sleep-600"])?;
     wait_running(s, id)?;
-    s.host.sh("kill -TERM $(cat /tmp/runner-host.pid)")?;
+    s.host.sh("kill -TERM $(cat /tmp/runner-host-0.pid)")?;
     wait_failed(
         s,
         id,
@@ -273,7 +273,7 @@ fn sigterm_stops_the_running_job_and_leaves_nothing(s: &Setup) -> anyhow::Result
     s.wait_nothing_left("after SIGTERM", Duration::from_secs(30))?;
     let gone = s.host.sh(
         // A zombie (its parent may not reap it) has an empty command line: it counts as gone.
-        "p=$(cat /tmp/runner-host.pid); for i in $(seq 100); do \
+        "p=$(cat /tmp/runner-host-0.pid); for i in $(seq 100); do \
          [ -n \"$(tr -d '\\0' </proc/$p/cmdline 2>/dev/null)\" ] || { echo gone; exit 0; }; \
          sleep 0.2; done; echo running",
     )?;

@@ -185,6 +185,7 @@ impl MigrationResult {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Migration {
     pub id: u64,
+    pub job_id: u64,
     /// Source host id.
     pub from: String,
     /// Target host id.

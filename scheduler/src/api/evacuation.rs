@@ -129,6 +129,13 @@ pub async fn report(
         }
         MigrationReportError::Store(e) => e.into(),
     })?;
+    if ended && m.result == MigrationResult::Succeeded {
+        // The target uploads its logs from empty: what the source sent so far stays.
+        let job = m.job_id;
+        if let Err(e) = state.logs(move |l| l.seal(job)).await {
+            tracing::error!(migration = id, job, "cannot keep the logs from the source: {e}");
+        }
+    }
     // Metrics count a success once its pause is known (the source's `sent`), and a failure
     // when it happens.
     match &report {

@@ -1,6 +1,8 @@
 //! Per-job logs that runner hosts upload: the VM's serial console, the VMM's messages and the
 //! job command's output. They are files, `<data-dir>/logs/<job id>/<name>.log`, not database
-//! rows: each is up to 8 MiB, always replaced whole and read whole.
+//! rows: each is up to 8 MiB, always replaced whole and read whole. When a job's VM moves to
+//! another host, the logs so far are sealed as earlier parts (`<name>.log.<n>`): the new host
+//! uploads its own from empty, and a read gives the parts and the current log as one.
 
 mod upload;
 
@@ -83,21 +85,50 @@ impl JobLogs {
             .ok_or_else(|| err("stat", &path)(io::ErrorKind::NotFound.into()))
     }
 
+    /// The sealed parts of a log (oldest first), then the current one: those that exist.
+    fn parts(&self, job: u64, name: LogName) -> Vec<PathBuf> {
+        let current = self.path(job, name);
+        let sealed = (1..).map(|n| PathBuf::from(format!("{}.{n}", current.display())));
+        let mut parts: Vec<PathBuf> = sealed.take_while(|p| p.exists()).collect();
+        parts.push(current);
+        parts
+    }
+
+    /// The job's VM moved on: its logs so far become earlier parts, kept as they are.
+    pub fn seal(&self, job: u64) -> Result<(), LogError> {
+        for name in LogName::ALL {
+            let parts = self.parts(job, name);
+            let current = parts.last().expect("the current log is always a part");
+            let sealed = PathBuf::from(format!("{}.{}", current.display(), parts.len()));
+            match fs::rename(current, &sealed) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(err("seal", current)(e))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     fn info(&self, job: u64, name: LogName) -> Result<Option<LogInfo>, LogError> {
-        let path = self.path(job, name);
-        let meta = match fs::metadata(&path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(err("stat", &path)(e)),
-        };
-        let updated_at = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_millis() as i64);
-        Ok(Some(LogInfo {
+        let (mut size, mut updated_at, mut found) = (0, 0, false);
+        for path in self.parts(job, name) {
+            let meta = match fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(err("stat", &path)(e)),
+            };
+            found = true;
+            size += meta.len();
+            updated_at = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(updated_at, |d| d.as_millis() as i64);
+        }
+        Ok(found.then_some(LogInfo {
             name,
-            size: meta.len(),
+            size,
             updated_at,
         }))
     }
@@ -110,13 +141,17 @@ impl JobLogs {
             .collect()
     }
 
+    /// A log whole: its sealed parts, then the current one.
     pub fn read(&self, job: u64, name: LogName) -> Result<Option<Vec<u8>>, LogError> {
-        let path = self.path(job, name);
-        match fs::read(&path) {
-            Ok(data) => Ok(Some(data)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(err("read", &path)(e)),
+        let mut out: Option<Vec<u8>> = None;
+        for path in self.parts(job, name) {
+            match fs::read(&path) {
+                Ok(data) => out.get_or_insert_with(Vec::new).extend(data),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err("read", &path)(e)),
+            }
         }
+        Ok(out)
     }
 }
 
@@ -144,6 +179,26 @@ mod tests {
         // No temporary file is left next to the logs.
         let files = fs::read_dir(dir.path().join("logs/7")).unwrap().count();
         assert_eq!(files, 2);
+    }
+
+    #[test]
+    fn a_moved_job_has_one_log_made_of_each_hosts_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = JobLogs::new(dir.path().join("logs"));
+        logs.seal(7).unwrap();
+        logs.put(7, LogName::Console, b"boot on a\n").unwrap();
+        logs.seal(7).unwrap();
+        // The new host starts its own from empty, and replaces only its own.
+        logs.put(7, LogName::Console, b"x").unwrap();
+        logs.put(7, LogName::Console, b"on b\n").unwrap();
+        logs.seal(7).unwrap();
+        logs.put(7, LogName::Console, b"on c\n").unwrap();
+        assert_eq!(
+            logs.read(7, LogName::Console).unwrap().unwrap(),
+            b"boot on a\non b\non c\n"
+        );
+        assert_eq!(logs.list(7).unwrap()[0].size, 20);
+        assert_eq!(logs.read(7, LogName::Job).unwrap(), None);
     }
 
     #[test]

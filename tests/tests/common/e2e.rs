@@ -1,3 +1,6 @@
+// Shared by several test crates (tests and benches), each using part of it.
+#![allow(dead_code)]
+
 //! What the job-path tests and benchmark share: the scheduler with a GitHub App whose API is
 //! the stand-in the scheduler's tests use too (hopper-test-support: it only serves operations
 //! of GitHub's OpenAPI description and checks the App JWT and installation tokens), real
@@ -69,11 +72,42 @@ pub struct Setup {
     pub host: TestHost,
     vcpus: u32,
     memory_mb: u32,
+    /// Extra arguments of each runner host daemon in the test host (one daemon per entry).
+    runners: Vec<String>,
     _dir: tempfile::TempDir,
+}
+
+/// Runner host `i`'s data directory in the test host: [`DATA`] for the first.
+pub fn data_dir(i: usize) -> String {
+    match i {
+        0 => DATA.to_string(),
+        i => format!("{DATA}-{i}"),
+    }
+}
+
+/// Runner host `i`'s TAP prefix: daemons sharing a machine need their own (`hjob`, `hjoba`…);
+/// all start with `hjob`, so one count sees every host's devices.
+fn tap_prefix(i: usize) -> String {
+    match i {
+        0 => "hjob".into(),
+        i => format!("hjob{}", (b'a' + (i as u8 - 1)) as char),
+    }
 }
 
 impl Setup {
     pub fn start(name: &str, vcpus: u32, memory_mb: u32) -> anyhow::Result<Setup> {
+        Self::start_fleet(name, vcpus, memory_mb, &[String::new()])
+    }
+
+    /// Like [`Setup::start`], with one runner host daemon per entry of `runners` (its extra
+    /// arguments) in the one test host, each with `vcpus` and `memory_mb` of its own; they
+    /// reach each other at 127.0.0.1.
+    pub fn start_fleet(
+        name: &str,
+        vcpus: u32,
+        memory_mb: u32,
+        runners: &[String],
+    ) -> anyhow::Result<Setup> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -96,6 +130,8 @@ impl Setup {
         let scheduler = SchedulerProcess::start(dir.path(), WEBHOOK_SECRET, &args)?;
         let host = TestHost::boot(TestHostOptions {
             name: Some(name.into()),
+            // A migrating guest is in memory twice for a moment (source and target).
+            memory_mib: 1024 + 1024 * runners.len() as u32,
             ..Default::default()
         })?;
         host.write_file("/etc/hopper-enroll-secret", ENROLL_SECRET.as_bytes(), 0o600)?;
@@ -106,14 +142,20 @@ impl Setup {
             host,
             vcpus,
             memory_mb,
+            runners: runners.to_vec(),
             _dir: dir,
         };
-        setup.start_runner()?;
+        for i in 0..runners.len() {
+            setup.start_runner_n(i)?;
+        }
         setup
             .scheduler
-            .wait_for("the runner host to enroll", Duration::from_secs(60), || {
+            .wait_for("the runner hosts to enroll", Duration::from_secs(60), || {
                 let hosts = setup.scheduler.get_json("/api/v1/hosts")?;
-                Ok(hosts.as_array().is_some_and(|h| h.len() == 1).then_some(()))
+                Ok(hosts
+                    .as_array()
+                    .is_some_and(|h| h.len() == runners.len())
+                    .then_some(()))
             })
             .with_context(|| setup.runner_log())?;
         Ok(setup)
@@ -121,35 +163,53 @@ impl Setup {
 
     /// Starts `hopper-runner host` in the test host (again, after [`Setup::kill_runner`]).
     pub fn start_runner(&self) -> anyhow::Result<()> {
+        self.start_runner_n(0)
+    }
+
+    /// Starts runner host `i`, named `runner-<i>`.
+    pub fn start_runner_n(&self, i: usize) -> anyhow::Result<()> {
         // Files for stdout/stderr: the agent's exec returns once nothing holds its pipes.
         self.host.sh(&format!(
-            "mkdir -p {DATA} && (hopper-runner host --scheduler {url} --enroll-secret-file \
-             /etc/hopper-enroll-secret --data-dir {DATA} --images /guest --vcpus {vcpus} \
-             --memory-mb {memory_mb} --agent-timeout 150 </dev/null >>/tmp/runner-host.log 2>&1 & \
-             echo $! >/tmp/runner-host.pid)",
+            "mkdir -p {data} && (hopper-runner host --scheduler {url} --enroll-secret-file \
+             /etc/hopper-enroll-secret --data-dir {data} --images /guest --vcpus {vcpus} \
+             --memory-mb {memory_mb} --agent-timeout 150 --name runner-{i} --address 127.0.0.1 \
+             --tap-prefix {prefix} {extra} </dev/null >>/tmp/runner-host-{i}.log 2>&1 & \
+             echo $! >/tmp/runner-host-{i}.pid)",
+            data = data_dir(i),
             url = self.scheduler.url_from_test_host(),
             vcpus = self.vcpus,
             memory_mb = self.memory_mb,
+            prefix = tap_prefix(i),
+            extra = self.runners[i],
         ))?;
         Ok(())
     }
 
     /// SIGKILLs the runner host daemon (its VMMs keep running, as after a daemon crash).
     pub fn kill_runner(&self) -> anyhow::Result<()> {
-        self.host.sh("kill -9 $(cat /tmp/runner-host.pid)")?;
+        self.host.sh("kill -9 $(cat /tmp/runner-host-0.pid)")?;
         Ok(())
     }
 
-    /// The daemon's log; when the test host cannot be asked (its kernel died, say), the end
+    /// The daemons' logs; when the test host cannot be asked (its kernel died, say), the end
     /// of the host's own console instead, which the harness keeps outside it.
     pub fn runner_log(&self) -> String {
-        match self.host.read_file("/tmp/runner-host.log") {
-            Ok(log) => format!("--- runner host log ---\n{}", String::from_utf8_lossy(&log)),
-            Err(e) => format!(
-                "--- runner host log unreadable: {e}\n--- test host console ---\n{}",
-                self.host.console_tail()
-            ),
+        let mut out = String::new();
+        for i in 0..self.runners.len() {
+            match self.host.read_file(&format!("/tmp/runner-host-{i}.log")) {
+                Ok(log) => out.push_str(&format!(
+                    "--- runner host {i} log ---\n{}",
+                    String::from_utf8_lossy(&log)
+                )),
+                Err(e) => {
+                    return format!(
+                        "--- runner host {i} log unreadable: {e}\n--- test host console ---\n{}",
+                        self.host.console_tail()
+                    )
+                }
+            }
         }
+        out
     }
 
     /// Queues job `id` the way GitHub does: the stand-in's Actions API lists it, and a signed
@@ -245,7 +305,8 @@ impl Setup {
     pub fn leftovers(&self) -> anyhow::Result<Leftovers> {
         // `[e]`: the pattern does not match this script's own command line.
         let out = self.host.sh(&format!(
-            "grep -l -- --agent-sock[e]t /proc/[0-9]*/cmdline 2>/dev/null | wc -l; ls {DATA}/jobs | wc -l; \
+            "grep -l -- --agent-sock[e]t /proc/[0-9]*/cmdline 2>/dev/null | wc -l; \
+             ls {DATA}*/jobs | grep -vc -e '^$' -e ':$' || true; \
              ls /sys/class/net | grep -c '^hjob' || true; nft list tables | grep -c hopper_hjob || true"
         ))?;
         let n: Vec<usize> = out

@@ -25,6 +25,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Migration> {
     let result: String = r.get(5)?;
     Ok(Migration {
         id: r.get::<_, i64>(0)? as u64,
+        job_id: r.get::<_, i64>(1)? as u64,
         from: r.get(2)?,
         to: r.get(3)?,
         mode: match mode.as_str() {

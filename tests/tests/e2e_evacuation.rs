@@ -1,0 +1,246 @@
+//! Spot evacuation end to end: the real scheduler with the GitHub stand-in, three runner host
+//! daemons in one test host (each with its own data directory, TAP prefix and cloud metadata
+//! stand-in), and a job running the deterministic workload. A termination notice on the job's
+//! host, from the AWS metadata stand-in or the chaos API, moves the job's VM to another host
+//! while the job runs; the source host is killed once the VM is off it; the job completes
+//! with the digest of an undisturbed run, and its record shows each move. With nowhere to go
+//! the job says so and runs on, and it moves as soon as a host comes back.
+//! Its speed is measured by `cargo bench -p hopper-tests --bench job_evacuation`.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{ensure, Context};
+use hopper_test_support::metadata::aws::Imds;
+use hopper_tests::workload::Workload;
+use serde_json::Value;
+
+#[path = "common/e2e.rs"]
+mod e2e;
+
+use e2e::Setup;
+
+const HOSTS: usize = 3;
+/// About a minute of work: 40 progress lines, 1.5 s apart.
+const WORK: Workload = Workload {
+    mib: 64,
+    steps: 400,
+    every: 10,
+    pace_ms: 1500,
+};
+const NO_CAPACITY: &str = "host reclaimed, no capacity to evacuate to";
+
+fn label(w: &Workload) -> String {
+    format!(
+        "e2e-workload-{}-{}-{}-{}",
+        w.mib, w.steps, w.every, w.pace_ms
+    )
+}
+
+/// The index of the runner host (named `runner-<i>`) that job `id` is on.
+fn host_of(s: &Setup, id: u64) -> anyhow::Result<(usize, String)> {
+    let job = s.job(id)?;
+    let host_id = job["host_id"].as_str().context("job without a host")?;
+    let hosts = s.scheduler.get_json("/api/v1/hosts")?;
+    let name = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["id"] == host_id)
+        .and_then(|h| h["name"].as_str())
+        .context("unknown host")?
+        .to_string();
+    let i = name.trim_start_matches("runner-").parse()?;
+    Ok((i, host_id.to_string()))
+}
+
+fn wait_job(s: &Setup, id: u64, what: &str, done: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    s.scheduler
+        .wait_for(what, Duration::from_secs(240), || {
+            let job = s.scheduler.get_json(&format!("/api/v1/jobs/{id}"))?;
+            Ok(done(&job).then_some(job))
+        })
+        .with_context(|| s.runner_log())
+}
+
+/// Waits until job `id` has `n` successful migrations; returns the job.
+fn wait_moves(s: &Setup, id: u64, n: usize) -> anyhow::Result<Value> {
+    wait_job(s, id, &format!("job {id}'s move number {n}"), |job| {
+        job["migrations"]
+            .as_array()
+            .is_some_and(|m| m.iter().filter(|m| m["result"] == "succeeded").count() == n)
+    })
+}
+
+fn interrupt(s: &Setup, host_id: &str, notice_s: u64) -> anyhow::Result<()> {
+    let status = s.scheduler.post_json(
+        &format!("/api/v1/hosts/{host_id}/interrupt"),
+        &serde_json::json!({ "notice_s": notice_s }),
+    )?;
+    ensure!(status == 202, "interrupt answered {status}");
+    Ok(())
+}
+
+/// Checks that the job ended on its last host with the digest of an undisturbed run.
+fn assert_completed_undisturbed(s: &Setup, id: u64, digest: &str) -> anyhow::Result<Value> {
+    let job = s.wait_vm_done(id, Duration::from_secs(240))?;
+    ensure!(
+        job["vm_state"] == "finished",
+        "job {id} ended {}: {}\n{}",
+        job["vm_state"],
+        job["reason"],
+        s.runner_log()
+    );
+    let log = s
+        .scheduler
+        .get_text(&format!("/api/v1/jobs/{id}/logs/job"))?;
+    ensure!(
+        log.contains(&format!("hopper-run-job: workload digest {digest}")),
+        "job {id}'s log does not show the undisturbed digest {digest}:\n{log}"
+    );
+    Ok(job)
+}
+
+#[test]
+fn a_notice_moves_the_running_job_which_completes_undisturbed() -> anyhow::Result<()> {
+    let expected = WORK.expected()?;
+    hopper_tests::again_if_a_host_broke(|| {
+        let rt = tokio::runtime::Runtime::new()?;
+        let imds: Vec<Imds> = (0..HOSTS).map(|_| rt.block_on(Imds::start())).collect();
+        let runners: Vec<String> = imds
+            .iter()
+            .map(|m| {
+                format!(
+                    "--notice-source aws --metadata-url {}",
+                    m.url.replace("127.0.0.1", "10.0.2.2")
+                )
+            })
+            .collect();
+        let s = Setup::start_fleet("evacuation", 2, 2048, &runners)?;
+        aws_notice_moves_the_job(&s, &imds, &expected.digest).context("an AWS notice")?;
+        chaos_twice_with_a_wait_for_capacity(&s, &expected.digest)
+            .context("the chaos API, twice")?;
+        s.wait_nothing_left("after both jobs", Duration::from_secs(60))?;
+        s.assert_no_secrets_logged()
+    })
+}
+
+/// An AWS spot notice with two minutes to go: pre-copy; the source is killed as soon as the VM
+/// is off it, long before its deadline.
+fn aws_notice_moves_the_job(s: &Setup, imds: &[Imds], digest: &str) -> anyhow::Result<()> {
+    let id = 8_000_001;
+    let labels = ["hopper-1cpu-1gb", label(&WORK).leak()];
+    s.queue(id, &labels)?;
+    wait_job(s, id, "the job to run", |j| j["vm_state"] == "running")?;
+    // Some of the work done where it started.
+    std::thread::sleep(Duration::from_secs(10));
+    let (from, from_id) = host_of(s, id)?;
+    let noticed = Instant::now();
+    imds[from].set_instance_action("terminate", SystemTime::now() + Duration::from_secs(120));
+    let job = wait_moves(s, id, 1)?;
+    let moved_after = noticed.elapsed();
+    let m = &job["migrations"][0];
+    ensure!(m["from"] == from_id.as_str(), "moved from {}", m["from"]);
+    ensure!(m["mode"] == "precopy", "a 2-minute notice gets {}", m["mode"]);
+    let (to, _) = host_of(s, id)?;
+    ensure!(to != from, "the job is still on runner-{from}");
+    println!(
+        "AWS notice on runner-{from}: the job runs on runner-{to} {:.1}s later (guest paused {} ms)",
+        moved_after.as_secs_f64(),
+        m["paused_ms"]
+    );
+    // The cloud takes the source; nothing of the job was left there to lose.
+    let hosts = s.scheduler.get_json("/api/v1/hosts")?;
+    let source = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["id"] == from_id.as_str())
+        .unwrap();
+    ensure!(source["state"] == "reclaiming" || source["state"] == "evacuated");
+    s.host.sh(&format!("kill -9 $(cat /tmp/runner-host-{from}.pid)"))?;
+    let job = assert_completed_undisturbed(s, id, digest)?;
+    ensure!(job["migrations"].as_array().unwrap().len() == 1);
+    s.complete(id, &labels)?;
+    // The killed daemon's host comes back for the next check, as a fresh instance would.
+    imds[from].clear_instance_action();
+    s.host
+        .sh(&format!("rm -rf {}", e2e::data_dir(from)))?;
+    s.start_runner_n(from)?;
+    Ok(())
+}
+
+/// The chaos API moves the job A → B with a 2-minute notice (pre-copy), then from B with 30
+/// seconds (post-copy) when no host is free: the job says so and runs on; a host that comes
+/// back takes it: A → B → C.
+fn chaos_twice_with_a_wait_for_capacity(s: &Setup, digest: &str) -> anyhow::Result<()> {
+    // The fresh host from the last check, and the other two.
+    s.scheduler
+        .wait_for("three active hosts", Duration::from_secs(60), || {
+            let hosts = s.scheduler.get_json("/api/v1/hosts")?;
+            let active = hosts
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|h| h["state"] == "active")
+                .count();
+            Ok((active == HOSTS).then_some(()))
+        })
+        .with_context(|| s.runner_log())?;
+    let id = 8_000_002;
+    let labels = ["hopper-1cpu-1gb", label(&WORK).leak()];
+    s.queue(id, &labels)?;
+    wait_job(s, id, "the job to run", |j| j["vm_state"] == "running")?;
+    std::thread::sleep(Duration::from_secs(5));
+    let (a, a_id) = host_of(s, id)?;
+    interrupt(s, &a_id, 120)?;
+    let job = wait_moves(s, id, 1)?;
+    ensure!(job["migrations"][0]["mode"] == "precopy");
+    let (b, b_id) = host_of(s, id)?;
+    ensure!(a != b);
+    // The only other host is drained: nowhere to go.
+    let c = (0..HOSTS).find(|i| *i != a && *i != b).unwrap();
+    let drain = format!("/api/v1/hosts/{}/drain", active_host_id(s, c)?);
+    let drained = s.scheduler.post_json(&drain, &serde_json::json!({}))?;
+    ensure!(drained == 202, "drain answered {drained}");
+    interrupt(s, &b_id, 30)?;
+    wait_job(s, id, "the no-capacity reason", |j| j["reason"] == NO_CAPACITY)?;
+    ensure!(s.job(id)?["vm_state"] == "running", "the job runs on");
+    // Capacity comes back: a new host (runner-<c> enrolled afresh), and the job leaves B.
+    s.host.sh(&format!(
+        "kill -9 $(cat /tmp/runner-host-{c}.pid); rm -rf {}",
+        e2e::data_dir(c)
+    ))?;
+    s.start_runner_n(c)?;
+    let job = wait_moves(s, id, 2)?;
+    let second = job["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|m| m["result"] == "succeeded")
+        .unwrap();
+    ensure!(
+        second["mode"] == "postcopy",
+        "a notice of 30 s gets {}",
+        second["mode"]
+    );
+    let (now_on, _) = host_of(s, id)?;
+    ensure!(now_on == c, "A → B → C: the job is on runner-{now_on}");
+    let job = assert_completed_undisturbed(s, id, digest)?;
+    ensure!(job["reason"].is_null(), "reason left: {}", job["reason"]);
+    s.complete(id, &labels)?;
+    Ok(())
+}
+
+/// The id of the active host named `runner-<i>` (a restarted one enrolls afresh).
+fn active_host_id(s: &Setup, i: usize) -> anyhow::Result<String> {
+    let hosts = s.scheduler.get_json("/api/v1/hosts")?;
+    hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["name"] == format!("runner-{i}").as_str())
+        .find(|h| h["state"] == "active")
+        .and_then(|h| h["id"].as_str())
+        .map(str::to_string)
+        .context("no such host")
+}
