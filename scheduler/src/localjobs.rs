@@ -19,6 +19,8 @@ pub const DEFAULT_REPOSITORY: &str = "local/jobs";
 /// GitHub gives a runner at most 100 labels; a local job keeps to the same.
 const MAX_LABELS: usize = 100;
 const MAX_LABEL_LEN: usize = 128;
+/// The longest `run` script taken.
+pub const MAX_SCRIPT_BYTES: usize = 64 << 10;
 
 /// The body of `POST /api/v1/jobs`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -31,6 +33,11 @@ pub struct Submission {
     #[serde(default = "default_repository")]
     #[schema(default = default_repository)]
     pub repository: String,
+    /// A shell script to run as root in the job's VM instead of a GitHub runner (at most 64
+    /// KiB). Its output is the job log, its exit status the job's result.
+    #[serde(default)]
+    #[schema(max_length = 65536, example = "echo hello from a Hopper microVM")]
+    pub run: Option<String>,
 }
 
 /// The schema of [`Submission::labels`], with the limits [`job_update`] checks.
@@ -114,9 +121,19 @@ pub fn job_update(prefix: &str, sub: Submission) -> Result<JobUpdate, SubmitErro
 }
 
 /// Stores a submitted job, queued, and wakes placement. The caller checks local mode.
-pub async fn submit(state: &AppState, sub: Submission) -> Result<Job, SubmitError> {
+pub async fn submit(state: &AppState, mut sub: Submission) -> Result<Job, SubmitError> {
+    let script = sub.run.take();
+    if let Some(s) = &script {
+        if s.is_empty() || s.len() > MAX_SCRIPT_BYTES || s.contains('\0') {
+            return Err(SubmitError::Invalid(format!(
+                "run must be a script of 1 to {MAX_SCRIPT_BYTES} bytes without NUL"
+            )));
+        }
+    }
     let update = job_update(&state.label_prefix, sub)?;
-    let job = state.store(move |s| s.create_local_job(&update)).await?;
+    let job = state
+        .store(move |s| s.create_local_job(&update, script.as_deref()))
+        .await?;
     tracing::info!(job = job.id, repository = %job.repository, labels = ?job.labels, "local job submitted");
     state.placement_wake.notify_one();
     Ok(job)
@@ -130,6 +147,7 @@ mod tests {
         Submission {
             labels: labels.iter().map(|l| l.to_string()).collect(),
             repository: DEFAULT_REPOSITORY.into(),
+            run: None,
         }
     }
 

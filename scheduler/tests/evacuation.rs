@@ -17,13 +17,16 @@ use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn submit(s: &Scheduler) -> u64 {
-    let resp = s
-        .operator(Method::POST, "/api/v1/jobs")
-        .json(&json!({"labels": ["hopper-1cpu-1gb"]}))
+async fn submit_body(s: &Scheduler, body: Value) -> reqwest::Response {
+    s.operator(Method::POST, "/api/v1/jobs")
+        .json(&body)
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn submit(s: &Scheduler) -> u64 {
+    let resp = submit_body(s, json!({"labels": ["hopper-1cpu-1gb"]})).await;
     assert_eq!(resp.status(), 201);
     resp.json::<Value>().await.unwrap()["id"].as_u64().unwrap()
 }
@@ -84,10 +87,22 @@ async fn a_notice_moves_the_job_and_failures_are_said_or_retried() {
     let a = HostClient::enroll_with(&s, &secret, "spot-a", 2, 4096).await;
     let b = HostClient::enroll_with(&s, &secret, "spot-b", 2, 4096).await;
 
-    let job = submit(&s).await;
+    // A local job may bring a script for its VM to run instead of a runner.
+    for bad in ["", "a\0b"] {
+        let resp = submit_body(&s, json!({"labels": ["hopper-1cpu-1gb"], "run": bad})).await;
+        assert_eq!(resp.status(), 400);
+    }
+    let big = "#".repeat(64 * 1024 + 1);
+    let resp = submit_body(&s, json!({"labels": ["hopper-1cpu-1gb"], "run": big})).await;
+    assert_eq!(resp.status(), 400);
+    let script = "for i in 1 2 3; do echo step $i; done";
+    let resp = submit_body(&s, json!({"labels": ["hopper-1cpu-1gb"], "run": script})).await;
+    assert_eq!(resp.status(), 201);
+    let job = resp.json::<Value>().await.unwrap()["id"].as_u64().unwrap();
     let (i, run) = first_order(&s, &[&a, &b], "run").await;
     let (src, dst) = if i == 0 { (&a, &b) } else { (&b, &a) };
     assert_eq!(run["job"]["id"], job);
+    assert_eq!(run["run"], script);
     let slot = run["net_slot"].as_u64().unwrap();
     assert_eq!(src.report(job, "running").await.status(), 200);
 

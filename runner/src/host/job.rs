@@ -36,6 +36,8 @@ pub const GUEST_JIT_CONFIG: &str = "/run/hopper-jitconfig";
 /// The image's job entry point: given the JIT config's path, it starts the runner
 /// (`run.sh --jitconfig …` in a production image) and exits with the runner's status.
 pub const GUEST_RUN_JOB: &str = "/usr/bin/hopper-run-job";
+/// Where a local job's script goes in the guest (see `Assignment::run`).
+pub const GUEST_SCRIPT: &str = "/run/hopper-job.sh";
 /// How long a guest gets to power off after the job before its VMM is killed.
 const POWEROFF_GRACE: Duration = Duration::from_secs(30);
 /// Final reports are retried this long, so a scheduler restart does not leave a job `running`.
@@ -68,7 +70,7 @@ pub enum JobError {
     Disk(std::io::Error),
     #[error(transparent)]
     Vm(#[from] VmError),
-    #[error("cannot hand the JIT config to the guest agent: {0}")]
+    #[error("cannot hand the JIT config (or the job's script) to the guest agent: {0}")]
     JitConfig(ClientError),
     #[error(
         "the guest stopped before the job command finished (VMM {vmm}; agent channel: {cause})"
@@ -322,13 +324,24 @@ async fn drive(
     ));
     let jit = a.jit_config.clone();
     let job_timeout = ctx.job_timeout;
-    let cmd = Exec::new([GUEST_RUN_JOB, GUEST_JIT_CONFIG])
+    // A local job's script runs instead of the image's job entry point.
+    let argv = match a.run {
+        Some(_) => ["/bin/sh", GUEST_SCRIPT],
+        None => [GUEST_RUN_JOB, GUEST_JIT_CONFIG],
+    };
+    let cmd = Exec::new(argv)
         .env("HOPPER_JOB_ID", a.job.id.to_string())
         .env("HOPPER_RUNNER_NAME", a.runner_name.clone())
         .env("HOPPER_JOB_LABELS", a.job.labels.join(" "))
         .env("HOPPER_REPOSITORY", a.job.repository.clone());
+    let script = a.run.clone();
     let handed = blocking(move || {
-        let written = agent.write_file(GUEST_JIT_CONFIG, Some(0o600), jit.expose().as_bytes());
+        let written = agent
+            .write_file(GUEST_JIT_CONFIG, Some(0o600), jit.expose().as_bytes())
+            .and_then(|()| match &script {
+                Some(s) => agent.write_file(GUEST_SCRIPT, Some(0o700), s.as_bytes()),
+                None => Ok(()),
+            });
         (agent, written)
     });
     let (mut agent, written) = handed.await;

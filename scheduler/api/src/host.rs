@@ -150,6 +150,10 @@ pub struct Assignment {
     /// The job's guest network: /30 number `net_slot` of the fleet's guest range, the same on
     /// every host the VM visits (the guest keeps its address when it moves).
     pub net_slot: u32,
+    /// A local job's shell script, run as root in the guest instead of the runner; its output
+    /// is the job log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
     /// Start the runner with `./run.sh --jitconfig <jit_config>`. Single use; never log it.
     #[serde(serialize_with = "serialize_exposed")]
     #[cfg_attr(feature = "openapi", schema(value_type = String))]

@@ -267,6 +267,7 @@ fn order_body(order: HostOrder) -> Order {
             runner_name: a.job.runner_name.clone().unwrap_or_default(),
             jit_config: a.jit_config,
             net_slot: a.net_slot,
+            run: a.script,
             job: a.job,
         }),
         HostOrder::Receive {

@@ -78,6 +78,8 @@ pub struct Assignment {
     pub job: Job,
     pub jit_config: Secret,
     pub net_slot: u32,
+    /// A local job's script (see `localjobs::Submission::run`).
+    pub script: Option<String>,
 }
 
 /// What a host's long-poll hands out next; each is repeated until the host acts on it (a
@@ -146,9 +148,10 @@ pub trait Store: Send + Sync + 'static {
     /// Applies an update found by reconciliation (no delivery id).
     fn apply_update(&self, update: &JobUpdate) -> Result<JobChange, StoreError>;
     /// Stores a job submitted in local mode under the next local job id (above
-    /// `jobs::LOCAL_JOB_ID_BASE`; `update.id` and `update.run_id` are replaced by it) and
-    /// returns it.
-    fn create_local_job(&self, update: &JobUpdate) -> Result<Job, StoreError>;
+    /// `jobs::LOCAL_JOB_ID_BASE`; `update.id` and `update.run_id` are replaced by it), with
+    /// the script its VM runs instead of a runner, and returns it.
+    fn create_local_job(&self, update: &JobUpdate, script: Option<&str>)
+        -> Result<Job, StoreError>;
     fn job(&self, id: u64) -> Result<Option<Job>, StoreError>;
     /// Jobs in arrival order, optionally of one state.
     fn jobs(&self, state: Option<JobState>) -> Result<Vec<Job>, StoreError>;

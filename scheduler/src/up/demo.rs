@@ -44,6 +44,7 @@ async fn demo(
         Submission {
             labels: labels.clone(),
             repository: REPOSITORY.into(),
+            run: None,
         },
     )
     .await?;

@@ -203,7 +203,7 @@ mod tests {
             repository: "local/demo".into(),
         };
         let update = crate::localjobs::job_update("hopper", submission).unwrap();
-        let job = state.store.create_local_job(&update).unwrap();
+        let job = state.store.create_local_job(&update, None).unwrap();
         watcher.look().await.unwrap();
         // The next look as if a minute had passed without a change.
         watcher.last_look += 60_000;

@@ -74,6 +74,7 @@ CREATE TABLE hosts (
     // and each move of a job's VM.
     r#"
 ALTER TABLE jobs ADD COLUMN net_slot INTEGER;
+ALTER TABLE jobs ADD COLUMN script TEXT;
 ALTER TABLE hosts ADD COLUMN deadline INTEGER;
 ALTER TABLE hosts ADD COLUMN interrupt_s INTEGER;
 CREATE TABLE migrations (
@@ -243,7 +244,7 @@ fn with_migrations(conn: &Connection, jobs: Vec<Job>) -> Result<Vec<Job>, StoreE
 /// ours; the JIT runner is still wanted, since a job with these labels is waiting for it.
 fn assignment_for(conn: &Connection, host_id: &str) -> Result<Option<Assignment>, StoreError> {
     let sql = format!(
-        "SELECT {JOB_COLUMNS}, jit_config, net_slot FROM jobs WHERE host_id = ?1 \
+        "SELECT {JOB_COLUMNS}, jit_config, net_slot, script FROM jobs WHERE host_id = ?1 \
          AND state IN ('assigned', 'running') AND vm_state IS NULL AND jit_config IS NOT NULL \
          ORDER BY assigned_at, id LIMIT 1"
     );
@@ -254,14 +255,16 @@ fn assignment_for(conn: &Connection, host_id: &str) -> Result<Option<Assignment>
                 job_from_row(r)?,
                 r.get::<_, String>(19)?,
                 r.get::<_, Option<u32>>(20)?,
+                r.get::<_, Option<String>>(21)?,
             ))
         })
         .optional()?;
-    Ok(found.map(|(job, jit, slot)| Assignment {
+    Ok(found.map(|(job, jit, slot, script)| Assignment {
         job,
         jit_config: Secret::new(jit),
         // Jobs assigned before slots were kept get the first; only one such job can run.
         net_slot: slot.unwrap_or(0),
+        script,
     }))
 }
 
@@ -404,7 +407,11 @@ impl Store for SqliteStore {
         self.with_tx(|tx| apply(tx, update))
     }
 
-    fn create_local_job(&self, update: &JobUpdate) -> Result<Job, StoreError> {
+    fn create_local_job(
+        &self,
+        update: &JobUpdate,
+        script: Option<&str>,
+    ) -> Result<Job, StoreError> {
         self.with_tx(|tx| {
             let base = LOCAL_JOB_ID_BASE as i64;
             let last: i64 = tx.query_row(
@@ -419,6 +426,10 @@ impl Store for SqliteStore {
                 ..update.clone()
             };
             apply(tx, &numbered)?;
+            tx.execute(
+                "UPDATE jobs SET script = ?2 WHERE id = ?1",
+                params![id as i64, script],
+            )?;
             get_job(tx, id)?.ok_or_else(|| StoreError::Corrupt(format!("job {id} not stored")))
         })
     }
@@ -769,8 +780,12 @@ mod tests {
     #[test]
     fn local_jobs_are_numbered_above_github_ids_and_end_with_their_vm() {
         let store = SqliteStore::in_memory().unwrap();
-        let first = store.create_local_job(&local_job(&["hopper"])).unwrap();
-        let second = store.create_local_job(&local_job(&["hopper"])).unwrap();
+        let first = store
+            .create_local_job(&local_job(&["hopper"]), None)
+            .unwrap();
+        let second = store
+            .create_local_job(&local_job(&["hopper"]), Some("echo hi"))
+            .unwrap();
         assert_eq!(first.id, LOCAL_JOB_ID_BASE + 1);
         assert_eq!((second.id, second.run_id), (first.id + 1, first.id + 1));
         assert!(second.is_local() && second.state == JobState::Queued);
