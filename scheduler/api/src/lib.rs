@@ -9,7 +9,10 @@ pub mod logs;
 pub mod secret;
 pub mod shape;
 
-pub use host::{Assignment, Enrolled, Host, HostState, NewHost, StatusReport};
+pub use host::{
+    Assignment, CertificateRequest, Enrolled, Host, HostState, IssuedCertificate, NewHost,
+    StatusReport,
+};
 pub use job::{is_local_job_id, transition, Backwards, Job, JobState, Transition, VmState};
 pub use logs::{LogInfo, LogName};
 pub use secret::Secret;
