@@ -92,6 +92,11 @@ pub struct SchedulerOptions {
     /// A host silent for this long is marked lost, and its jobs with it.
     #[arg(long, env = "HOPPER_HOST_LOST_AFTER", default_value = "60s", value_parser = parse_duration)]
     pub host_lost_after: Duration,
+    /// Hours a runner host's certificate (mutual TLS between hosts, for live migration) is
+    /// valid; hosts renew theirs when less than half is left.
+    #[arg(long, env = "HOPPER_HOST_CERT_VALIDITY_HOURS", default_value_t = crate::fleet_ca::DEFAULT_HOST_VALIDITY_HOURS,
+          value_parser = clap::value_parser!(u64).range(1..=720))]
+    pub host_cert_validity_hours: u64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod config;
 pub mod duties;
+pub mod fleet_ca;
 pub mod github;
 pub mod joblogs;
 pub mod labels;

@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 
 use crate::config::ServeArgs;
 use crate::duties;
+use crate::fleet_ca::FleetCa;
 use crate::github::{GitHub, RunnerScope};
 use crate::joblogs::JobLogs;
 use crate::metrics::Metrics;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub label_prefix: String,
     pub runners: Runners,
     pub host_lost_after: Duration,
+    /// Signs the hosts' certificates for mutual TLS between them.
+    pub fleet_ca: FleetCa,
     /// Wakes the placement loop: a new job or freed capacity.
     pub placement_wake: Notify,
     /// Wakes hosts waiting in long-poll: a job was assigned, or a migration ordered.
@@ -71,6 +74,7 @@ impl AppState {
             label_prefix: "hopper".into(),
             runners: Runners::new(None, true),
             host_lost_after: Duration::from_secs(60),
+            fleet_ca: FleetCa::generate(Duration::from_secs(24 * 3600)).unwrap(),
             placement_wake: Notify::new(),
             assignments: Notify::new(),
             evacuation_wake: Notify::new(),
@@ -132,6 +136,12 @@ impl Scheduler {
             }
             _ => None,
         };
+        // In --data-dir even when --database puts the store elsewhere, like the logs.
+        let fleet_ca = FleetCa::load_or_create(
+            &args.data_dir,
+            Duration::from_secs(options.host_cert_validity_hours * 3600),
+        )
+        .context("loading the fleet CA")?;
         let listener = TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
@@ -146,6 +156,7 @@ impl Scheduler {
             label_prefix: options.label_prefix.clone(),
             runners: Runners::new(github, args.local_jobs),
             host_lost_after: options.host_lost_after,
+            fleet_ca,
             placement_wake: Notify::new(),
             assignments: Notify::new(),
             evacuation_wake: Notify::new(),

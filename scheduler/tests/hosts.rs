@@ -46,7 +46,7 @@ async fn job_flows_from_webhook_to_host_with_jit_config_and_back() {
     let bad = http
         .post(format!("{}/api/v1/hosts/enroll", s.url))
         .bearer_auth(ENROLL_SECRET)
-        .json(&json!({"name": "x", "vcpus": 0, "memory_mb": 16384, "address": "a"}))
+        .json(&json!({"name": "x", "vcpus": 0, "memory_mb": 16384, "address": "a", "csr": common::host::csr(&[]).1}))
         .send()
         .await
         .unwrap();

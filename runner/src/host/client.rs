@@ -1,12 +1,14 @@
 //! Client of the scheduler's host API (scheduler/README.md, "Host API"): enrollment,
-//! heartbeat, long-polled assignments, VM status reports and job log uploads. Every call has a
-//! deadline, so a scheduler that stops answering holds up no task forever.
+//! heartbeat, long-polled assignments, VM status reports, job log uploads and certificate
+//! renewal. Every call has a deadline, so a scheduler that stops answering holds up no task
+//! forever.
 
 use std::time::Duration;
 
 use hopper_api::host::DEFAULT_POLL_WAIT_S;
 use hopper_api::{
-    Enrolled, LogName, MigrationReport, NewHost, NoticeReport, Order, Secret, StatusReport, VmState,
+    CertificateRequest, Enrolled, IssuedCertificate, LogName, MigrationReport, NewHost,
+    NoticeReport, Order, Secret, StatusReport, VmState,
 };
 use reqwest::{Client, RequestBuilder, Response, StatusCode};
 
@@ -133,6 +135,21 @@ impl SchedulerClient {
             .post(format!("{}/api/v1/host/heartbeat", self.base))
             .bearer_auth(token.expose());
         self.send("heartbeat", req).await.map(drop)
+    }
+
+    /// A new certificate for the key of `csr` (PEM) from the fleet CA.
+    pub async fn renew_certificate(
+        &self,
+        token: &Secret,
+        csr: String,
+    ) -> Result<IssuedCertificate, ApiError> {
+        let what = "certificate renewal";
+        let req = self
+            .http
+            .post(format!("{}/api/v1/host/certificate", self.base))
+            .bearer_auth(token.expose())
+            .json(&CertificateRequest { csr });
+        Self::json(what, self.send(what, req).await?).await
     }
 
     /// Waits up to [`POLL_WAIT`] for the next order. An order comes again until the host acts

@@ -1,6 +1,7 @@
 //! Enrollment: the host trades the shared enrollment secret for its own token once, and keeps
 //! the token in the data directory (mode 0600) so that a restarted daemon is the same host to
-//! the scheduler, with the same jobs, instead of a new one.
+//! the scheduler, with the same jobs, instead of a new one. The enrollment also brings the
+//! host's first certificate (`identity`), signed from the request in [`NewHost::csr`].
 
 use std::fs;
 use std::io::Write;
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use hopper_api::{NewHost, Secret};
 
 use super::client::{ApiError, SchedulerClient};
+use super::identity::{self, IdentityError};
 
 pub const FILE: &str = "host-credentials.json";
 
@@ -37,6 +39,8 @@ pub enum EnrollError {
     },
     #[error("enrollment failed")]
     Api(#[from] ApiError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 /// This host's identity at one scheduler.
@@ -132,7 +136,9 @@ pub async fn load_or_enroll(
     enroll(client, data_dir, enroll_secret, info).await
 }
 
-/// Enrolls as a new host and stores the token, replacing stored credentials.
+/// Enrolls as a new host and stores the token, replacing stored credentials, then the
+/// certificate. In that order: a host whose certificate could not be stored renews it at its
+/// next start, while a token not stored would mean enrolling as another host.
 pub async fn enroll(
     client: &SchedulerClient,
     data_dir: &Path,
@@ -146,7 +152,8 @@ pub async fn enroll(
         heartbeat_interval: Duration::from_secs(enrolled.heartbeat_interval_s.max(1)),
     };
     store(&data_dir.join(FILE), client.base(), &creds)?;
-    tracing::info!(host = %creds.host_id, name = %info.name, "enrolled with the scheduler");
+    identity::store(data_dir, &enrolled.certificate)?;
+    tracing::info!(host = %creds.host_id, name = %info.name, cert_not_after = enrolled.certificate.not_after, "enrolled with the scheduler");
     Ok(creds)
 }
 

@@ -4,11 +4,13 @@
 //! task per job, and one cancellation token that SIGTERM or SIGINT fires, which stops every job
 //! (VM stopped, resources removed, job reported) before the daemon exits. A watcher task reads
 //! the cloud's termination notices and reports them; the scheduler then orders this host's
-//! jobs sent to other hosts (`job`), and other hosts' jobs received here (`receive`).
+//! jobs sent to other hosts (`job`), and other hosts' jobs received here (`receive`). Another
+//! task keeps the host's certificate for mutual TLS with other hosts (`identity`) renewed.
 
 mod caplog;
 mod client;
 mod enroll;
+mod identity;
 mod job;
 mod jobdir;
 mod logs;
@@ -50,7 +52,8 @@ pub struct HostArgs {
     /// kept in the data directory).
     #[arg(long, env = "HOPPER_ENROLL_SECRET_FILE")]
     enroll_secret_file: PathBuf,
-    /// Host state: credentials, per-job work directories (disks, sockets) and per-job logs.
+    /// Host state: credentials, the TLS identity (tls/), per-job work directories (disks,
+    /// sockets) and per-job logs.
     #[arg(
         long,
         env = "HOPPER_RUNNER_DATA_DIR",
@@ -109,17 +112,6 @@ pub struct HostArgs {
 
 fn tap_prefix(s: &str) -> Result<String, String> {
     netslot::check_prefix(s).map(|()| s.to_string())
-}
-
-/// Where the host keeps its migration identity: a certificate the scheduler's fleet CA signed
-/// at enrollment, its key, and the CA's certificate.
-fn migration_tls(data_dir: &std::path::Path) -> hopper_vmm::migration::TlsFiles {
-    let dir = data_dir.join("tls");
-    hopper_vmm::migration::TlsFiles {
-        cert: dir.join("host.pem"),
-        key: dir.join("host.key"),
-        ca: dir.join("fleet-ca.pem"),
-    }
 }
 
 fn hostname() -> String {
@@ -182,15 +174,6 @@ pub fn run(args: HostArgs) -> anyhow::Result<()> {
         None => total_memory_mb()?.saturating_sub(1024).max(128),
     };
     let name = args.name.clone().unwrap_or_else(hostname);
-    let info = NewHost {
-        address: args.address.clone().unwrap_or_else(|| name.clone()),
-        name,
-        vcpus,
-        memory_mb,
-        labels: args.labels.clone(),
-    };
-    info.validate()
-        .map_err(|e| anyhow::anyhow!("the scheduler would refuse this host: {e}"))?;
     let client = SchedulerClient::new(&args.scheduler).context("bad --scheduler")?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
@@ -198,11 +181,24 @@ pub fn run(args: HostArgs) -> anyhow::Result<()> {
             args.data_dir.display()
         )
     })?;
+    // Stored before any request: the scheduler only ever gets requests signed with it.
+    let key = identity::HostKey::load_or_create(&args.data_dir)
+        .context("cannot set up the host's TLS identity")?;
+    let info = NewHost {
+        address: args.address.clone().unwrap_or_else(|| name.clone()),
+        name,
+        vcpus,
+        memory_mb,
+        labels: args.labels.clone(),
+        csr: key.csr()?,
+    };
+    info.validate()
+        .map_err(|e| anyhow::anyhow!("the scheduler would refuse this host: {e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(args, client, enroll_secret, info, images))
+    runtime.block_on(serve(args, client, enroll_secret, info, key, images))
 }
 
 async fn serve(
@@ -210,6 +206,7 @@ async fn serve(
     client: SchedulerClient,
     enroll_secret: Secret,
     info: NewHost,
+    key: identity::HostKey,
     images: Images,
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
@@ -237,7 +234,7 @@ async fn serve(
         dns: std::fs::read_to_string("/etc/resolv.conf")
             .ok()
             .and_then(|c| netslot::host_nameserver(&c)),
-        tls: migration_tls(&args.data_dir),
+        tls: identity::tls_files(&args.data_dir),
         address: info.address.clone(),
     });
     crate::network::install_guest_nat(netslot::GUEST_NET)
@@ -248,6 +245,14 @@ async fn serve(
         .context("cannot clean up the jobs of the previous run")?;
     tracing::info!(host = %creds.host_id, vcpus = info.vcpus, memory_mb = info.memory_mb, scheduler = client.base(), "runner host ready");
 
+    // A host enrolled by a version without certificates has none yet: renewed at once.
+    tokio::spawn(renewal_loop(
+        client.clone(),
+        creds.token.clone(),
+        args.data_dir.clone(),
+        key,
+        stop.clone(),
+    ));
     tokio::spawn(heartbeat_loop(
         client,
         creds.token,
@@ -394,6 +399,67 @@ async fn heartbeat_loop(
     }
 }
 
+/// Renews the host's certificate whenever it is due (`identity::renewal_due`: at once when
+/// there is none) until `stop` fires. The key stays the same: only the certificate file
+/// changes, each file replaced whole, so whoever reads the files never pairs a certificate with
+/// a key it does not belong to (a new key and its certificate cannot be swapped in together).
+/// A failed renewal is retried with backoff while the certificate in hand stays in place.
+async fn renewal_loop(
+    client: SchedulerClient,
+    token: Secret,
+    data_dir: PathBuf,
+    key: identity::HostKey,
+    stop: CancellationToken,
+) {
+    // Looked at again at least this often: the files may change (a new enrollment) and a
+    // sleep of hours is better not trusted across clock changes.
+    const RECHECK: Duration = Duration::from_secs(3600);
+    const FIRST_RETRY: Duration = Duration::from_secs(10);
+    let mut retry = FIRST_RETRY;
+    loop {
+        let wait = identity::renewal_due(&data_dir)
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait.min(RECHECK)) => continue,
+            }
+        }
+        let renewed = async {
+            let issued = client.renew_certificate(&token, key.csr()?).await?;
+            identity::store(&data_dir, &issued)?;
+            // Else this loop would ask again and again.
+            if identity::renewal_due(&data_dir) <= SystemTime::now() {
+                bail!(
+                    "the new certificate is due for renewal already: is this host's clock right?"
+                );
+            }
+            anyhow::Ok(issued.not_after)
+        };
+        let renewed = tokio::select! {
+            _ = stop.cancelled() => return,
+            renewed = renewed => renewed,
+        };
+        match renewed {
+            Ok(not_after) => {
+                tracing::info!(not_after, "host certificate renewed");
+                retry = FIRST_RETRY;
+            }
+            Err(e) => {
+                tracing::warn!("cannot renew the host certificate, retrying in {retry:?}: {e:#}");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(Duration::from_secs(600));
+            }
+        }
+    }
+}
+
+/// Takes assignments and starts a task for each new job. Returns when `stop` fires, or with an
+/// error when the scheduler no longer knows this host.
 /// Takes orders: a task for each new job or arriving VM, send orders to the task of their job,
 /// chaos notices to the notice reporter. Returns when `stop` fires, or with an error when the
 /// scheduler no longer knows this host.
@@ -506,5 +572,76 @@ async fn poll_loop(
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderMap;
+    use axum::Json;
+    use hopper_api::{CertificateRequest, IssuedCertificate};
+    use std::sync::Mutex;
+
+    /// A scheduler that answers certificate renewals with certificates valid for `lifetime`
+    /// from now, and records the requests' authorization.
+    async fn scheduler(lifetime: i64) -> (SchedulerClient, Arc<Mutex<Vec<String>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let renew = move |headers: HeaderMap, Json(req): Json<CertificateRequest>| async move {
+            let auth = headers["authorization"].to_str().unwrap().to_string();
+            record.lock().unwrap().push(auth);
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64;
+            Json::<IssuedCertificate>(identity::tests::issue(&req.csr, now - 300, now + lifetime))
+        };
+        let app = axum::Router::new().route("/api/v1/host/certificate", axum::routing::post(renew));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (SchedulerClient::new(&url).unwrap(), seen)
+    }
+
+    #[tokio::test]
+    async fn a_host_without_a_certificate_gets_one_at_once_and_renewal_stops_with_the_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = identity::HostKey::load_or_create(dir.path()).unwrap();
+        // A request made with the key shows its public half.
+        let public = key.csr().unwrap();
+        let (client, seen) = scheduler(3600).await;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(renewal_loop(
+            client,
+            Secret::new("hht_test"),
+            dir.path().to_path_buf(),
+            key,
+            stop.clone(),
+        ));
+        let files = identity::tls_files(dir.path());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !files.cert.exists() {
+            assert!(tokio::time::Instant::now() < deadline, "no certificate");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // For the host's key, and usable as the migration channel's identity.
+        let pem = std::fs::read(&files.cert).unwrap();
+        let (_, block) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = block.parse_x509().unwrap();
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(&public).unwrap();
+        assert_eq!(
+            cert.public_key().subject_public_key.data.as_ref(),
+            rcgen::PublicKeyData::der_bytes(&csr.public_key)
+        );
+        files.client_config().unwrap();
+        // Not due again for half an hour: one request, with the host token.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*seen.lock().unwrap(), ["Bearer hht_test"]);
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("renewal stops with the daemon")
+            .unwrap();
     }
 }

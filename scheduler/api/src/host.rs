@@ -12,6 +12,11 @@ pub const MAX_MESSAGE_BYTES: usize = 4096;
 /// most it holds one open.
 pub const DEFAULT_POLL_WAIT_S: u64 = 25;
 pub const MAX_POLL_WAIT_S: u64 = 60;
+/// The largest certificate signing request a host may send: a P-256 request is under 1 KiB,
+/// and the scheduler parses what it gets.
+pub const MAX_CSR_BYTES: usize = 16384;
+/// How a certificate signing request (PEM) begins.
+pub const CSR_PEM_BEGIN: &str = "-----BEGIN CERTIFICATE REQUEST-----";
 
 /// `lost` once the host has been silent for longer than the scheduler's `--host-lost-after`; a
 /// heartbeat makes it `active` again.
@@ -77,6 +82,12 @@ pub struct NewHost {
     /// Where this host can be reached (shown to operators).
     #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 256))]
     pub address: String,
+    /// A PKCS#10 certificate signing request (PEM) for the host's migration key (ECDSA P-256).
+    /// The scheduler ignores the names and extensions it asks for: the certificate it issues
+    /// names `hopper-runner` and the host id, nothing else.
+    // A literal (utoipa takes no constants); the scheduler's OpenAPI test compares it.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 16384))]
+    pub csr: String,
 }
 
 impl NewHost {
@@ -100,8 +111,54 @@ impl NewHost {
         if self.labels.len() > 64 || self.labels.iter().any(|l| !text_ok(l, 128)) {
             return Err("at most 64 labels of 1 to 128 printable characters".into());
         }
-        Ok(())
+        check_csr(&self.csr)
     }
+}
+
+/// The shape of a certificate signing request; whether it parses and its signature holds is
+/// the scheduler's to check.
+fn check_csr(csr: &str) -> Result<(), String> {
+    if csr.is_empty() || csr.len() > MAX_CSR_BYTES || !csr.starts_with(CSR_PEM_BEGIN) {
+        return Err(format!(
+            "csr must be a PEM certificate signing request ({CSR_PEM_BEGIN}…) of at most \
+             {MAX_CSR_BYTES} bytes"
+        ));
+    }
+    Ok(())
+}
+
+/// A host's request for a new certificate (renewal), made with its migration key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CertificateRequest {
+    /// A PKCS#10 certificate signing request (PEM) for the host's migration key (ECDSA P-256).
+    /// The scheduler ignores the names and extensions it asks for: the certificate it issues
+    /// names `hopper-runner` and the host id, nothing else.
+    // A literal (utoipa takes no constants); the scheduler's OpenAPI test compares it.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 16384))]
+    pub csr: String,
+}
+
+impl CertificateRequest {
+    /// The scheduler refuses a request that fails this; the host checks before it asks.
+    pub fn validate(&self) -> Result<(), String> {
+        check_csr(&self.csr)
+    }
+}
+
+/// A certificate the fleet CA issued to a host, for mutual TLS between hosts (live migration).
+/// Public material only: the host's private key never leaves the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct IssuedCertificate {
+    /// The host's certificate (PEM): DNS name `hopper-runner`, common name the host id, for
+    /// TLS server and client authentication.
+    pub certificate: String,
+    /// The fleet CA's certificate (PEM): a host accepts a peer whose certificate it signed.
+    pub ca_certificate: String,
+    /// When the certificate expires, in milliseconds since the epoch; hosts renew once less
+    /// than half of its validity is left.
+    pub not_after: i64,
 }
 
 /// A host with what its jobs use of it. Holds no secrets (the token is kept only as a hash).
@@ -137,6 +194,8 @@ pub struct Enrolled {
     pub token: Secret,
     /// How often the host should heartbeat.
     pub heartbeat_interval_s: u64,
+    /// The host's certificate, signed from its request's `csr`.
+    pub certificate: IssuedCertificate,
 }
 
 /// What a host gets to run: the job, the VM to boot and the runner's JIT config.
@@ -256,9 +315,26 @@ mod tests {
             memory_mb: 1024,
             labels: vec![],
             address: "h".into(),
+            csr: format!("{CSR_PEM_BEGIN}\nMIIB\n-----END CERTIFICATE REQUEST-----\n"),
         };
         assert!(h.validate().is_ok());
         h.name = "a\nb".into();
         assert!(h.validate().is_err());
+    }
+
+    #[test]
+    fn a_csr_must_look_like_one_and_fit() {
+        let ok = format!("{CSR_PEM_BEGIN}\nMIIB\n-----END CERTIFICATE REQUEST-----\n");
+        let request = |csr: &str| CertificateRequest { csr: csr.into() };
+        assert!(request(&ok).validate().is_ok());
+        for bad in [
+            String::new(),
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            format!("{ok}{}", "x".repeat(MAX_CSR_BYTES)),
+        ] {
+            assert!(request(&bad).validate().is_err(), "{bad:.40}");
+        }
+        let at_limit = format!("{ok}{}", "x".repeat(MAX_CSR_BYTES - ok.len()));
+        assert!(request(&at_limit).validate().is_ok());
     }
 }

@@ -14,7 +14,10 @@ pub use evacuation::{
     InterruptOrder, Migration, MigrationMode, MigrationReport, MigrationResult, MigrationStats,
     NoticeKind, NoticeReport, Order, ReceiveOrder, SendOrder,
 };
-pub use host::{Assignment, Enrolled, Host, HostState, NewHost, StatusReport};
+pub use host::{
+    Assignment, CertificateRequest, Enrolled, Host, HostState, IssuedCertificate, NewHost,
+    StatusReport,
+};
 pub use job::{is_local_job_id, transition, Backwards, Job, JobState, Transition, VmState};
 pub use logs::{LogInfo, LogName};
 pub use secret::Secret;

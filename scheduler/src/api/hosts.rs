@@ -1,6 +1,6 @@
-//! Host API: runner hosts enroll with the shared enrollment secret and get a per-host token;
-//! with it they heartbeat, long-poll for assignments, report their VMs and upload their jobs'
-//! logs.
+//! Host API: runner hosts enroll with the shared enrollment secret and get a per-host token
+//! and a certificate from the fleet CA; with the token they heartbeat, long-poll for
+//! assignments, report their VMs, upload their jobs' logs and renew their certificate.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,19 +13,23 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hopper_api::host::{DEFAULT_POLL_WAIT_S, MAX_POLL_WAIT_S};
-use hopper_api::{Assignment, Enrolled, InterruptOrder, Order, ReceiveOrder, StatusReport};
+use hopper_api::{
+    Assignment, CertificateRequest, Enrolled, InterruptOrder, IssuedCertificate, Order,
+    ReceiveOrder, StatusReport,
+};
 use http_body_util::BodyExt;
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::auth::{bearer, is_secret, token_hash};
 use super::{parse_job_id, parse_json, parse_log_name, ApiError, ErrorBody};
+use crate::fleet_ca::CaError;
 use crate::joblogs::{LogInfo, LogName, Upload};
 use crate::jobs::{Job, VmState};
 use crate::labels::DEFAULT_SHAPE;
 use crate::secret::Secret;
 use crate::server::AppState;
-use crate::store::{Host, HostOrder, HostState, NewHost, ReportError};
+use crate::store::{new_host_id, Host, HostOrder, HostState, NewHost, ReportError};
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(DEFAULT_POLL_WAIT_S);
 const MAX_WAIT: Duration = Duration::from_secs(MAX_POLL_WAIT_S);
@@ -52,6 +56,10 @@ impl FromRequestParts<Arc<AppState>> for AuthHost {
 }
 
 /// Enroll a runner host
+///
+/// The answer carries the host's certificate for mutual TLS between hosts (live migration),
+/// signed by the fleet CA from the request's `csr`. A request that does not parse or whose
+/// signature does not hold is refused and nothing is stored.
 #[utoipa::path(
     post,
     path = "/api/v1/hosts/enroll",
@@ -61,7 +69,7 @@ impl FromRequestParts<Arc<AppState>> for AuthHost {
     request_body = NewHost,
     responses(
         (status = 201, description = "Enrolled; the token is shown only here", body = Enrolled),
-        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 400, description = "Invalid body or certificate signing request", body = ErrorBody),
         (status = 401, description = "Wrong enrollment secret", body = ErrorBody),
         (status = 403, description = "Enrollment is off (no `--enroll-secret-file`)", body = ErrorBody),
         (status = 500, description = "Internal error", body = ErrorBody),
@@ -87,10 +95,15 @@ pub async fn enroll(
     let new: NewHost = parse_json(&body)?;
     new.validate()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    // Signed before anything is stored: a refused request leaves no host behind.
+    let id = new_host_id();
+    let certificate = state.fleet_ca.sign(&new.csr, &id)?;
     let token = format!("hht_{}", hex::encode(rand::random::<[u8; 32]>()));
     let hash = token_hash(&token);
-    let host = state.store(move |s| s.enroll_host(&new, &hash)).await?;
-    tracing::info!(host = %host.id, name = %host.name, vcpus = host.vcpus, memory_mb = host.memory_mb, "host enrolled");
+    let host = state
+        .store(move |s| s.enroll_host(&id, &new, &hash))
+        .await?;
+    tracing::info!(host = %host.id, name = %host.name, vcpus = host.vcpus, memory_mb = host.memory_mb, cert_not_after = certificate.not_after, "host enrolled");
     state.placement_wake.notify_one();
     let heartbeat_interval_s = (state.host_lost_after.as_secs() / 3).max(1);
     Ok((
@@ -99,9 +112,52 @@ pub async fn enroll(
             host,
             token: Secret::new(token),
             heartbeat_interval_s,
+            certificate,
         }),
     )
         .into_response())
+}
+
+impl From<CaError> for ApiError {
+    fn from(e: CaError) -> Self {
+        match e {
+            CaError::BadCsr(_) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
+            e => ApiError::internal(e),
+        }
+    }
+}
+
+/// Renew this host's certificate
+///
+/// Signs a new certificate for the key of `csr` (hosts renew once less than half of their
+/// certificate's validity is left). Like the one from enrollment it names `hopper-runner` and
+/// the host id, whatever the request asks for.
+#[utoipa::path(
+    post,
+    path = "/api/v1/host/certificate",
+    tag = "host",
+    operation_id = "renewCertificate",
+    security(("hostToken" = [])),
+    request_body = CertificateRequest,
+    responses(
+        (status = 200, description = "The new certificate", body = IssuedCertificate),
+        (status = 400, description = "Invalid body or certificate signing request", body = ErrorBody),
+        (status = 401, description = "Missing or unknown host token", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    ),
+)]
+pub async fn certificate(
+    State(state): State<Arc<AppState>>,
+    AuthHost(host): AuthHost,
+    body: Bytes,
+) -> Result<Json<IssuedCertificate>, ApiError> {
+    let request: CertificateRequest = parse_json(&body)?;
+    request
+        .validate()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let issued = state.fleet_ca.sign(&request.csr, &host.id)?;
+    tracing::info!(host = %host.id, not_after = issued.not_after, "host certificate renewed");
+    Ok(Json(issued))
 }
 
 /// The answer to a heartbeat.

@@ -41,6 +41,7 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
         routes!(operator::hosts),
         routes!(hosts::enroll),
         routes!(hosts::heartbeat),
+        routes!(hosts::certificate),
         routes!(hosts::assignment),
         routes!(hosts::report),
         routes!(hosts::upload_log),

@@ -24,7 +24,7 @@ use utoipa::{Modify, OpenApi};
     tags(
         (name = "github", description = "GitHub App webhook intake"),
         (name = "host", description = "For runner hosts: enrollment, heartbeats, assignments, \
-                                       VM status reports, log uploads"),
+                                       VM status reports, log uploads, certificate renewal"),
         (name = "operator", description = "Jobs, their logs, hosts, health and metrics; the \
                                            operator token except for /healthz and this \
                                            document"),
@@ -90,7 +90,7 @@ mod tests {
     use axum::body::Body;
     use axum::http::{header, Method, Request, StatusCode};
     use axum::Router;
-    use hopper_api::host::{MAX_MESSAGE_BYTES, MAX_POLL_WAIT_S};
+    use hopper_api::host::{MAX_CSR_BYTES, MAX_MESSAGE_BYTES, MAX_POLL_WAIT_S};
     use hopper_api::shape::{MAX_MEMORY_GB, MAX_VCPUS};
     use serde_json::{json, Value};
     use std::sync::Arc;
@@ -190,6 +190,8 @@ mod tests {
             "Assignment",
             "StatusReport",
             "NewHost",
+            "CertificateRequest",
+            "IssuedCertificate",
             "Job",
             "Host",
             "LogInfo",
@@ -209,6 +211,11 @@ mod tests {
         assert_eq!(
             prop("StatusReport", "message")["maxLength"],
             MAX_MESSAGE_BYTES
+        );
+        assert_eq!(prop("NewHost", "csr")["maxLength"], MAX_CSR_BYTES);
+        assert_eq!(
+            prop("CertificateRequest", "csr")["maxLength"],
+            MAX_CSR_BYTES
         );
         assert_eq!(prop("Shape", "vcpus")["maximum"], MAX_VCPUS);
         assert_eq!(prop("Shape", "memory_gb")["maximum"], MAX_MEMORY_GB);

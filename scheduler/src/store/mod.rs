@@ -217,7 +217,8 @@ pub trait Store: Send + Sync + 'static {
         host_id: &str,
         job_id: u64,
     ) -> Result<Option<JitFingerprint>, ReportError>;
-    fn enroll_host(&self, host: &NewHost, token_hash: &[u8]) -> Result<Host, StoreError>;
+    /// Stores a new host with id `id` (from [`new_host_id`]).
+    fn enroll_host(&self, id: &str, host: &NewHost, token_hash: &[u8]) -> Result<Host, StoreError>;
     fn host_by_token(&self, token_hash: &[u8]) -> Result<Option<Host>, StoreError>;
     /// Records a heartbeat; a lost host that heartbeats again becomes active (its lost jobs
     /// stay lost).
@@ -233,6 +234,12 @@ pub trait Store: Send + Sync + 'static {
     fn runner_removed(&self, job_id: u64) -> Result<(), StoreError>;
     /// Forgets delivery ids received before `before_ms`; returns how many.
     fn prune_deliveries(&self, before_ms: i64) -> Result<u64, StoreError>;
+}
+
+/// A new host's id. Made before the host is stored, so that its certificate (which names it)
+/// is signed first and a refused request stores nothing.
+pub fn new_host_id() -> String {
+    format!("h-{:016x}", rand::random::<u64>())
 }
 
 /// Opens the store named by `database` (a URL) or, without one, SQLite in `data_dir`.

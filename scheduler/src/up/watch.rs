@@ -201,6 +201,7 @@ mod tests {
         let submission = crate::localjobs::Submission {
             labels: vec!["hopper-1cpu-1gb".into()],
             repository: "local/demo".into(),
+            run: None,
         };
         let update = crate::localjobs::job_update("hopper", submission).unwrap();
         let job = state.store.create_local_job(&update, None).unwrap();

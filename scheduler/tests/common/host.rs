@@ -1,6 +1,7 @@
-//! A runner host played over HTTP by a test: enrollment, heartbeat, long-poll, reports and
-//! log uploads.
+//! A runner host played over HTTP by a test: enrollment (with a real certificate signing
+//! request), heartbeat, long-poll, reports and log uploads.
 
+use rcgen::{CertificateParams, KeyPair};
 use serde_json::{json, Value};
 
 use super::{Scheduler, ENROLL_SECRET};
@@ -25,23 +26,31 @@ impl HostClient {
         vcpus: u32,
         memory_mb: u64,
     ) -> HostClient {
+        let (_, csr) = csr(&[]);
+        let body = json!({ "name": name, "vcpus": vcpus, "memory_mb": memory_mb, "labels": [], "address": "10.1.2.3:7000", "csr": csr });
+        Self::enroll_body(s, secret, &body).await.0
+    }
+
+    /// Enrolls with `body`; the client and the whole answer.
+    pub async fn enroll_body(s: &Scheduler, secret: &str, body: &Value) -> (HostClient, Value) {
         let http = reqwest::Client::new();
         let resp = http
             .post(format!("{}/api/v1/hosts/enroll", s.url))
             .bearer_auth(secret)
-            .json(&json!({ "name": name, "vcpus": vcpus, "memory_mb": memory_mb, "labels": [], "address": "10.1.2.3:7000" }))
+            .json(body)
             .send()
             .await
             .unwrap();
         assert_eq!(resp.status(), 201);
         let v: Value = resp.json().await.unwrap();
         assert!(v["heartbeat_interval_s"].as_u64().unwrap() >= 1);
-        HostClient {
+        let host = HostClient {
             url: s.url.clone(),
             token: v["token"].as_str().unwrap().to_string(),
             id: v["host"]["id"].as_str().unwrap().to_string(),
             http,
-        }
+        };
+        (host, v)
     }
 
     pub async fn heartbeat(&self) -> reqwest::StatusCode {
@@ -89,4 +98,17 @@ impl HostClient {
             .await
             .unwrap()
     }
+}
+
+/// A new ECDSA P-256 key and a certificate signing request for it (PEM) asking for `names`.
+pub fn csr(names: &[&str]) -> (KeyPair, String) {
+    let key = KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let pem = CertificateParams::new(names)
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    (key, pem)
 }

@@ -631,8 +631,7 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    fn enroll_host(&self, host: &NewHost, token_hash: &[u8]) -> Result<Host, StoreError> {
-        let id = format!("h-{:016x}", rand::random::<u64>());
+    fn enroll_host(&self, id: &str, host: &NewHost, token_hash: &[u8]) -> Result<Host, StoreError> {
         self.with_tx(|tx| {
             let now = now_ms();
             let labels =
@@ -653,7 +652,7 @@ impl Store for SqliteStore {
                 ],
             )?;
             let sql = format!("{HOST_SELECT} WHERE h.id = ?1");
-            Ok(tx.query_row(&sql, [&id], host_from_row)?)
+            Ok(tx.query_row(&sql, [id], host_from_row)?)
         })
     }
 
@@ -792,12 +791,15 @@ mod tests {
 
         let host = store
             .enroll_host(
+                &crate::store::new_host_id(),
                 &NewHost {
                     name: "h".into(),
                     vcpus: 2,
                     memory_mb: 2048,
                     labels: vec![],
                     address: "a".into(),
+                    // The store keeps no request.
+                    csr: String::new(),
                 },
                 b"hash",
             )
