@@ -14,7 +14,6 @@ use hopper_tests::bench::{self, median};
 use hopper_tests::{boot_guest, GuestVmm, MicrovmOptions};
 
 #[path = "../tests/common/e2e.rs"]
-#[allow(dead_code)] // the job-path tests use more of it
 mod e2e;
 
 use e2e::Setup;

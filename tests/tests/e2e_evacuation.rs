@@ -36,49 +36,9 @@ fn label(w: &Workload) -> String {
     )
 }
 
-/// The index of the runner host (named `runner-<i>`) that job `id` is on.
-fn host_of(s: &Setup, id: u64) -> anyhow::Result<(usize, String)> {
-    let job = s.job(id)?;
-    let host_id = job["host_id"].as_str().context("job without a host")?;
-    let hosts = s.scheduler.get_json("/api/v1/hosts")?;
-    let name = hosts
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["id"] == host_id)
-        .and_then(|h| h["name"].as_str())
-        .context("unknown host")?
-        .to_string();
-    let i = name.trim_start_matches("runner-").parse()?;
-    Ok((i, host_id.to_string()))
-}
 
-fn wait_job(s: &Setup, id: u64, what: &str, done: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
-    s.scheduler
-        .wait_for(what, Duration::from_secs(240), || {
-            let job = s.scheduler.get_json(&format!("/api/v1/jobs/{id}"))?;
-            Ok(done(&job).then_some(job))
-        })
-        .with_context(|| s.runner_log())
-}
 
-/// Waits until job `id` has `n` successful migrations; returns the job.
-fn wait_moves(s: &Setup, id: u64, n: usize) -> anyhow::Result<Value> {
-    wait_job(s, id, &format!("job {id}'s move number {n}"), |job| {
-        job["migrations"]
-            .as_array()
-            .is_some_and(|m| m.iter().filter(|m| m["result"] == "succeeded").count() == n)
-    })
-}
 
-fn interrupt(s: &Setup, host_id: &str, notice_s: u64) -> anyhow::Result<()> {
-    let status = s.scheduler.post_json(
-        &format!("/api/v1/hosts/{host_id}/interrupt"),
-        &serde_json::json!({ "notice_s": notice_s }),
-    )?;
-    ensure!(status == 202, "interrupt answered {status}");
-    Ok(())
-}
 
 /// Checks that the job ended on its last host with the digest of an undisturbed run.
 fn assert_completed_undisturbed(s: &Setup, id: u64, digest: &str) -> anyhow::Result<Value> {
@@ -130,18 +90,18 @@ fn aws_notice_moves_the_job(s: &Setup, imds: &[Imds], digest: &str) -> anyhow::R
     let id = 8_000_001;
     let labels = ["hopper-1cpu-1gb", label(&WORK).leak()];
     s.queue(id, &labels)?;
-    wait_job(s, id, "the job to run", |j| j["vm_state"] == "running")?;
+    s.wait_job(id, "the job to run", |j| j["vm_state"] == "running")?;
     // Some of the work done where it started.
     std::thread::sleep(Duration::from_secs(10));
-    let (from, from_id) = host_of(s, id)?;
+    let (from, from_id) = s.host_of(id)?;
     let noticed = Instant::now();
     imds[from].set_instance_action("terminate", SystemTime::now() + Duration::from_secs(120));
-    let job = wait_moves(s, id, 1)?;
+    let job = s.wait_moves(id, 1)?;
     let moved_after = noticed.elapsed();
     let m = &job["migrations"][0];
     ensure!(m["from"] == from_id.as_str(), "moved from {}", m["from"]);
     ensure!(m["mode"] == "precopy", "a 2-minute notice gets {}", m["mode"]);
-    let (to, _) = host_of(s, id)?;
+    let (to, _) = s.host_of(id)?;
     ensure!(to != from, "the job is still on runner-{from}");
     println!(
         "AWS notice on runner-{from}: the job runs on runner-{to} {:.1}s later (guest paused {} ms)",
@@ -161,57 +121,37 @@ fn aws_notice_moves_the_job(s: &Setup, imds: &[Imds], digest: &str) -> anyhow::R
     let job = assert_completed_undisturbed(s, id, digest)?;
     ensure!(job["migrations"].as_array().unwrap().len() == 1);
     s.complete(id, &labels)?;
-    // The killed daemon's host comes back for the next check, as a fresh instance would.
+    // A fresh instance takes the killed host's place for the next check.
     imds[from].clear_instance_action();
-    s.host
-        .sh(&format!("rm -rf {}", e2e::data_dir(from)))?;
-    s.start_runner_n(from)?;
-    Ok(())
+    s.replace_runner(from)
 }
 
 /// The chaos API moves the job A → B with a 2-minute notice (pre-copy), then from B with 30
 /// seconds (post-copy) when no host is free: the job says so and runs on; a host that comes
 /// back takes it: A → B → C.
 fn chaos_twice_with_a_wait_for_capacity(s: &Setup, digest: &str) -> anyhow::Result<()> {
-    // The fresh host from the last check, and the other two.
-    s.scheduler
-        .wait_for("three active hosts", Duration::from_secs(60), || {
-            let hosts = s.scheduler.get_json("/api/v1/hosts")?;
-            let active = hosts
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|h| h["state"] == "active")
-                .count();
-            Ok((active == HOSTS).then_some(()))
-        })
-        .with_context(|| s.runner_log())?;
     let id = 8_000_002;
     let labels = ["hopper-1cpu-1gb", label(&WORK).leak()];
     s.queue(id, &labels)?;
-    wait_job(s, id, "the job to run", |j| j["vm_state"] == "running")?;
+    s.wait_job(id, "the job to run", |j| j["vm_state"] == "running")?;
     std::thread::sleep(Duration::from_secs(5));
-    let (a, a_id) = host_of(s, id)?;
-    interrupt(s, &a_id, 120)?;
-    let job = wait_moves(s, id, 1)?;
+    let (a, a_id) = s.host_of(id)?;
+    s.interrupt(&a_id, 120)?;
+    let job = s.wait_moves(id, 1)?;
     ensure!(job["migrations"][0]["mode"] == "precopy");
-    let (b, b_id) = host_of(s, id)?;
+    let (b, b_id) = s.host_of(id)?;
     ensure!(a != b);
     // The only other host is drained: nowhere to go.
     let c = (0..HOSTS).find(|i| *i != a && *i != b).unwrap();
-    let drain = format!("/api/v1/hosts/{}/drain", active_host_id(s, c)?);
+    let drain = format!("/api/v1/hosts/{}/drain", s.active_host_id(c)?);
     let drained = s.scheduler.post_json(&drain, &serde_json::json!({}))?;
     ensure!(drained == 202, "drain answered {drained}");
-    interrupt(s, &b_id, 30)?;
-    wait_job(s, id, "the no-capacity reason", |j| j["reason"] == NO_CAPACITY)?;
+    s.interrupt(&b_id, 30)?;
+    s.wait_job(id, "the no-capacity reason", |j| j["reason"] == NO_CAPACITY)?;
     ensure!(s.job(id)?["vm_state"] == "running", "the job runs on");
     // Capacity comes back: a new host (runner-<c> enrolled afresh), and the job leaves B.
-    s.host.sh(&format!(
-        "kill -9 $(cat /tmp/runner-host-{c}.pid); rm -rf {}",
-        e2e::data_dir(c)
-    ))?;
-    s.start_runner_n(c)?;
-    let job = wait_moves(s, id, 2)?;
+    s.replace_runner(c)?;
+    let job = s.wait_moves(id, 2)?;
     let second = job["migrations"]
         .as_array()
         .unwrap()
@@ -223,24 +163,10 @@ fn chaos_twice_with_a_wait_for_capacity(s: &Setup, digest: &str) -> anyhow::Resu
         "a notice of 30 s gets {}",
         second["mode"]
     );
-    let (now_on, _) = host_of(s, id)?;
+    let (now_on, _) = s.host_of(id)?;
     ensure!(now_on == c, "A → B → C: the job is on runner-{now_on}");
     let job = assert_completed_undisturbed(s, id, digest)?;
     ensure!(job["reason"].is_null(), "reason left: {}", job["reason"]);
     s.complete(id, &labels)?;
     Ok(())
-}
-
-/// The id of the active host named `runner-<i>` (a restarted one enrolls afresh).
-fn active_host_id(s: &Setup, i: usize) -> anyhow::Result<String> {
-    let hosts = s.scheduler.get_json("/api/v1/hosts")?;
-    hosts
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|h| h["name"] == format!("runner-{i}").as_str())
-        .find(|h| h["state"] == "active")
-        .and_then(|h| h["id"].as_str())
-        .map(str::to_string)
-        .context("no such host")
 }

@@ -362,4 +362,87 @@ impl Setup {
         }
         Ok(())
     }
+
+    /// Waits (up to 4 minutes) until job `id` is as `done` says; returns it.
+    pub fn wait_job(
+        &self,
+        id: u64,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        self.scheduler
+            .wait_for(what, Duration::from_secs(240), || {
+                let job = self.scheduler.get_json(&format!("/api/v1/jobs/{id}"))?;
+                Ok(done(&job).then_some(job))
+            })
+            .with_context(|| self.runner_log())
+    }
+
+    /// Waits until job `id` has moved `n` times; returns it.
+    pub fn wait_moves(&self, id: u64, n: usize) -> anyhow::Result<Value> {
+        self.wait_job(id, &format!("job {id}'s move number {n}"), |job| {
+            job["migrations"].as_array().is_some_and(|m| {
+                m.iter().filter(|m| m["result"] == "succeeded").count() == n
+            })
+        })
+    }
+
+    /// The runner host (`runner-<i>`) that job `id` is on: its index and id.
+    pub fn host_of(&self, id: u64) -> anyhow::Result<(usize, String)> {
+        let job = self.job(id)?;
+        let host_id = job["host_id"].as_str().context("job without a host")?;
+        let hosts = self.scheduler.get_json("/api/v1/hosts")?;
+        let name = hosts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["id"] == host_id)
+            .and_then(|h| h["name"].as_str())
+            .context("unknown host")?
+            .to_string();
+        let i = name.trim_start_matches("runner-").parse()?;
+        Ok((i, host_id.to_string()))
+    }
+
+    /// The id of the active host named `runner-<i>` (a replaced one enrolls afresh).
+    pub fn active_host_id(&self, i: usize) -> anyhow::Result<String> {
+        let hosts = self.scheduler.get_json("/api/v1/hosts")?;
+        hosts
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["name"] == format!("runner-{i}").as_str())
+            .find(|h| h["state"] == "active")
+            .and_then(|h| h["id"].as_str())
+            .map(str::to_string)
+            .context("no such active host")
+    }
+
+    /// A termination notice for a host through the chaos API.
+    pub fn interrupt(&self, host_id: &str, notice_s: u64) -> anyhow::Result<()> {
+        let status = self.scheduler.post_json(
+            &format!("/api/v1/hosts/{host_id}/interrupt"),
+            &serde_json::json!({ "notice_s": notice_s }),
+        )?;
+        ensure!(status == 202, "interrupt answered {status}");
+        Ok(())
+    }
+
+    /// Kills runner host `i` and starts a fresh one in its place (empty data directory, so it
+    /// enrolls as a new host), as a new spot instance replaces a reclaimed one.
+    pub fn replace_runner(&self, i: usize) -> anyhow::Result<()> {
+        self.host.sh(&format!(
+            "kill -9 $(cat /tmp/runner-host-{i}.pid); sleep 0.5; rm -rf {}",
+            data_dir(i)
+        ))?;
+        self.start_runner_n(i)?;
+        self.scheduler
+            .wait_for(
+                &format!("runner-{i} to enroll again"),
+                Duration::from_secs(60),
+                || Ok(self.active_host_id(i).ok()),
+            )
+            .with_context(|| self.runner_log())?;
+        Ok(())
+    }
 }
