@@ -79,7 +79,8 @@ fn a_notice_moves_the_running_job_which_completes_undisturbed() -> anyhow::Resul
         aws_notice_moves_the_job(&s, &imds, &expected.digest).context("an AWS notice")?;
         chaos_twice_with_a_wait_for_capacity(&s, &expected.digest)
             .context("the chaos API, twice")?;
-        s.wait_nothing_left("after both jobs", Duration::from_secs(60))?;
+        a_target_killed_mid_migration(&s, &expected.digest).context("a target killed")?;
+        s.wait_nothing_left("after the jobs", Duration::from_secs(60))?;
         s.assert_no_secrets_logged()
     })
 }
@@ -103,6 +104,12 @@ fn aws_notice_moves_the_job(s: &Setup, imds: &[Imds], digest: &str) -> anyhow::R
     ensure!(m["mode"] == "precopy", "a 2-minute notice gets {}", m["mode"]);
     let (to, _) = s.host_of(id)?;
     ensure!(to != from, "the job is still on runner-{from}");
+    // The source is done once it has reported what the move took.
+    let job = s.wait_job(id, "the source's report", |j| {
+        j["migrations"][0]["paused_ms"].is_u64()
+    })?;
+    let m = &job["migrations"][0];
+    ensure!(m["bytes"].as_u64() > Some(0), "no bytes sent: {m}");
     println!(
         "AWS notice on runner-{from}: the job runs on runner-{to} {:.1}s later (guest paused {} ms)",
         moved_after.as_secs_f64(),
@@ -169,4 +176,55 @@ fn chaos_twice_with_a_wait_for_capacity(s: &Setup, digest: &str) -> anyhow::Resu
     ensure!(job["reason"].is_null(), "reason left: {}", job["reason"]);
     s.complete(id, &labels)?;
     Ok(())
+}
+
+/// The target dies while the VM is being sent: the VM runs on at the source, and the job moves
+/// to another target and completes there.
+fn a_target_killed_mid_migration(s: &Setup, digest: &str) -> anyhow::Result<()> {
+    // Fresh hosts in the place of the two evacuated ones: a source and two targets.
+    for i in 0..HOSTS {
+        if s.active_host_id(i).is_err() {
+            s.replace_runner(i)?;
+        }
+    }
+    let id = 8_000_003;
+    let labels = ["hopper-1cpu-1gb", label(&WORK).leak()];
+    s.queue(id, &labels)?;
+    s.wait_job(id, "the job to run", |j| j["vm_state"] == "running")?;
+    std::thread::sleep(Duration::from_secs(5));
+    let (from, from_id) = s.host_of(id)?;
+    s.interrupt(&from_id, 120)?;
+    let job = s.wait_job(id, "the VM on its way", |j| {
+        j["migrations"][0]["result"] == "sending"
+    })?;
+    let doomed = job["migrations"][0]["to"].as_str().unwrap().to_string();
+    let hosts = s.scheduler.get_json("/api/v1/hosts")?;
+    let t: usize = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["id"] == doomed.as_str())
+        .and_then(|h| h["name"].as_str()?.strip_prefix("runner-")?.parse().ok())
+        .context("the target's name")?;
+    // The target machine dies: its daemon and the VMM that receives.
+    s.host.sh(&format!(
+        "kill -9 $(cat /tmp/runner-host-{t}.pid); pkill -9 -f 'vm rece[i]ve' || true"
+    ))?;
+    let job = s.wait_moves(id, 1)?;
+    let results: Vec<&str> = job["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["result"].as_str().unwrap())
+        .collect();
+    ensure!(results == ["failed", "succeeded"], "migrations {results:?}");
+    let (now_on, _) = s.host_of(id)?;
+    ensure!(
+        now_on != from && now_on != t,
+        "the job is on runner-{now_on}"
+    );
+    assert_completed_undisturbed(s, id, digest)?;
+    s.complete(id, &labels)?;
+    // The dead target's leftovers go with a fresh start of its daemon.
+    s.replace_runner(t)
 }
