@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "hopper-scheduler", version, about = "Hopper's control plane")]
@@ -13,12 +13,28 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Parses the command line and checks what clap cannot say alone, exiting as clap does
+    /// (status 2, before anything is created) when it is wrong.
+    pub fn parse_checked() -> Cli {
+        let cli = Cli::parse();
+        if let Command::Up(up) = &cli.command {
+            if let Err(e) = up.runner_hosts() {
+                Cli::command()
+                    .error(clap::error::ErrorKind::ArgumentConflict, e)
+                    .exit();
+            }
+        }
+        cli
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the webhook endpoint, the host API and the operator API.
     Serve(ServeArgs),
-    /// Start the whole path on this machine: the scheduler with local defaults and one runner
-    /// host next to it (in a nested test host when this machine's KVM cannot run guests).
+    /// Start the whole path on this machine: the scheduler with local defaults and runner
+    /// hosts next to it (in a nested test host when this machine's KVM cannot run guests).
     /// Without a GitHub App this is local mode: jobs are submitted to POST /api/v1/jobs (or
     /// --demo runs one); with --app-id and --app-private-key it serves GitHub's webhooks.
     Up(UpArgs),
@@ -133,10 +149,15 @@ pub struct UpArgs {
     /// made by images/build.sh). A test host carries its own copy.
     #[arg(long, default_value = ".cache/images")]
     pub images: PathBuf,
-    /// vCPUs the runner host offers to jobs (default: all CPUs when direct, 2 in a test host).
+    /// How many runner hosts to start (default 1; 2 with --demo evacuate): each a
+    /// `hopper-runner host` of its own (direct), or all in one test host. Named hopper-up,
+    /// hopper-up-1, hopper-up-2…
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=MAX_HOSTS as i64))]
+    pub hosts: Option<u8>,
+    /// vCPUs each runner host offers to jobs (default: all CPUs when direct, 2 in a test host).
     #[arg(long)]
     pub host_vcpus: Option<u32>,
-    /// Memory in MiB the runner host offers to jobs (default: all but 1 GiB when direct, 4096
+    /// Memory in MiB each runner host offers to jobs (default: all but 1 GiB when direct, 4096
     /// in a test host).
     #[arg(long)]
     pub host_memory_mb: Option<u32>,
@@ -147,13 +168,55 @@ pub struct UpArgs {
     /// --release -p hopper-tests --bins`).
     #[arg(long)]
     pub testhost_bin: Option<PathBuf>,
-    /// Run one demo job once the runner host has enrolled, show its progress and its log, then
-    /// stop everything; the exit status says whether the job succeeded. Local mode only.
-    #[arg(long, conflicts_with = "app_id")]
-    pub demo: bool,
-    /// How long --demo may take in all, the runner host's set-up included.
+    /// Run a demo, show its progress, then stop everything; the exit status says whether it
+    /// succeeded. `job` (what `--demo` alone runs): one job end to end, with its log.
+    /// `evacuate`: a job running on one runner host moves to another when its host gets a
+    /// termination notice, and that host is killed when the notice runs out (2 hosts or more).
+    /// Local mode only.
+    #[arg(
+        long,
+        value_enum,
+        num_args = 0..=1,
+        default_missing_value = "job",
+        conflicts_with = "app_id"
+    )]
+    pub demo: Option<Demo>,
+    /// How long --demo may take in all, the runner hosts' set-up included.
     #[arg(long, default_value = "30m", value_parser = parse_duration)]
     pub demo_timeout: Duration,
+}
+
+/// The most runner hosts `up` starts.
+pub const MAX_HOSTS: u8 = 8;
+
+impl UpArgs {
+    /// How many runner hosts to start: `--hosts`, else 2 for `--demo evacuate`, else 1; an
+    /// error where `--demo evacuate` could not run.
+    pub fn runner_hosts(&self) -> Result<usize, String> {
+        if self.demo == Some(Demo::Evacuate) && self.runner == RunnerMode::None {
+            return Err(
+                "--demo evacuate kills the runner host it moves the job off: it needs \
+                 runner hosts that `up` starts, not --runner none"
+                    .into(),
+            );
+        }
+        match (self.demo, self.hosts) {
+            (Some(Demo::Evacuate), Some(1)) => Err(
+                "--demo evacuate moves a job from one runner host to another: it needs --hosts 2 \
+                 or more (or no --hosts: 2)"
+                    .into(),
+            ),
+            (_, Some(n)) => Ok(n.into()),
+            (Some(Demo::Evacuate), None) => Ok(2),
+            (_, None) => Ok(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Demo {
+    Job,
+    Evacuate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -213,5 +276,48 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    fn up(args: &[&str]) -> Result<UpArgs, clap::Error> {
+        let argv = ["hopper-scheduler", "up"].iter().chain(args);
+        Cli::try_parse_from(argv).map(|cli| match cli.command {
+            Command::Up(up) => up,
+            Command::Serve(_) => unreachable!(),
+        })
+    }
+
+    #[test]
+    fn runner_hosts_are_one_to_eight_and_two_for_the_evacuation_demo() {
+        let hosts = |args: &[&str]| up(args).unwrap().runner_hosts();
+        assert_eq!(hosts(&[]), Ok(1));
+        assert_eq!(hosts(&["--hosts", "8"]), Ok(8));
+        assert_eq!(hosts(&["--demo"]), Ok(1));
+        assert_eq!(hosts(&["--demo", "evacuate"]), Ok(2));
+        assert_eq!(hosts(&["--demo", "evacuate", "--hosts", "3"]), Ok(3));
+        let refused = hosts(&["--hosts", "1", "--demo", "evacuate"]).unwrap_err();
+        assert!(refused.contains("needs --hosts 2 or more"), "{refused}");
+        let refused = hosts(&["--demo", "evacuate", "--runner", "none"]).unwrap_err();
+        assert!(refused.contains("not --runner none"), "{refused}");
+        assert_eq!(hosts(&["--demo", "--runner", "none"]), Ok(1));
+        for bad in ["0", "9", "two"] {
+            let e = up(&["--hosts", bad]).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+        }
+        assert!(up(&["--hosts", "9"])
+            .unwrap_err()
+            .to_string()
+            .contains("1..=8"));
+    }
+
+    #[test]
+    fn demo_takes_an_optional_kind() {
+        assert_eq!(up(&[]).unwrap().demo, None);
+        assert_eq!(up(&["--demo"]).unwrap().demo, Some(Demo::Job));
+        // A flag after a bare --demo is not taken for its value.
+        let args = up(&["--demo", "--hosts", "3"]).unwrap();
+        assert_eq!((args.demo, args.hosts), (Some(Demo::Job), Some(3)));
+        assert_eq!(up(&["--demo", "job"]).unwrap().demo, Some(Demo::Job));
+        assert_eq!(up(&["--demo=evacuate"]).unwrap().demo, Some(Demo::Evacuate));
+        assert!(up(&["--demo", "dance"]).is_err());
     }
 }

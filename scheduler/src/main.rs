@@ -1,11 +1,10 @@
 use anyhow::Context;
-use clap::Parser;
 use hopper_scheduler::config::{Cli, Command};
 use tracing_subscriber::fmt::MakeWriter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    match Cli::parse_checked().command {
         Command::Serve(args) => {
             init_logging(std::io::stderr, true);
             hopper_scheduler::server::serve(args).await

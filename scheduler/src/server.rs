@@ -42,8 +42,11 @@ pub struct AppState {
     /// Wakes the evacuation loop: a notice, a drain, a migration that ended.
     pub evacuation_wake: Notify,
     /// Local mode: where a chaos notice's host is sent to be killed when the notice runs out.
-    pub chaos_kill: Option<tokio::sync::mpsc::UnboundedSender<(String, Duration)>>,
+    pub chaos_kill: Option<ChaosKill>,
 }
+
+/// A chaos notice's host id and notice, for whoever kills hosts (`up`).
+pub type ChaosKill = tokio::sync::mpsc::UnboundedSender<(String, Duration)>;
 
 impl AppState {
     /// Runs a blocking store call off the async workers.
@@ -102,7 +105,11 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Opens the store, reads the secrets, builds the GitHub client and binds the listener.
-    pub async fn start(args: &ServeArgs) -> anyhow::Result<Scheduler> {
+    /// `chaos_kill`: see [`AppState::chaos_kill`].
+    pub async fn start(
+        args: &ServeArgs,
+        chaos_kill: Option<ChaosKill>,
+    ) -> anyhow::Result<Scheduler> {
         let store = store::open(args.options.database.as_deref(), &args.data_dir)
             .context("opening the store")?;
         let webhook_secret = read_secret(&args.webhook_secret_file, "--webhook-secret-file")?;
@@ -160,7 +167,7 @@ impl Scheduler {
             placement_wake: Notify::new(),
             assignments: Notify::new(),
             evacuation_wake: Notify::new(),
-            chaos_kill: None,
+            chaos_kill,
         });
         Ok(Scheduler {
             state,
@@ -216,7 +223,7 @@ fn read_secret(path: &Path, flag: &str) -> anyhow::Result<Secret> {
 
 /// `hopper-scheduler serve`.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let scheduler = Scheduler::start(&args).await?;
+    let scheduler = Scheduler::start(&args, None).await?;
     let addr = scheduler.local_addr()?;
     tracing::info!(%addr, "hopper-scheduler listening");
     // Machine-readable line for scripts and tests that listen on port 0.

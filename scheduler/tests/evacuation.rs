@@ -112,9 +112,27 @@ async fn a_notice_moves_the_job_and_failures_are_said_or_retried() {
             .json(&body)
             .send()
     };
-    assert_eq!(interrupt(&src.id, json!({"notice_s": 0})).await.unwrap().status(), 400);
-    assert_eq!(interrupt(&src.id, json!({"notice": 5})).await.unwrap().status(), 400);
-    assert_eq!(interrupt("h-nope", json!({"notice_s": 5})).await.unwrap().status(), 404);
+    assert_eq!(
+        interrupt(&src.id, json!({"notice_s": 0}))
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        interrupt(&src.id, json!({"notice": 5}))
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        interrupt("h-nope", json!({"notice_s": 5}))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
     let unauthenticated = s
         .client()
         .post(format!("{}/api/v1/hosts/{}/interrupt", s.url, src.id))
@@ -124,7 +142,13 @@ async fn a_notice_moves_the_job_and_failures_are_said_or_retried() {
         .unwrap();
     assert_eq!(unauthenticated.status(), 401);
     assert_eq!(order(src).await, None, "nothing changed yet");
-    assert_eq!(interrupt(&src.id, json!({"notice_s": 120})).await.unwrap().status(), 202);
+    assert_eq!(
+        interrupt(&src.id, json!({"notice_s": 120}))
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
     let notice = order(src).await.expect("the chaos notice");
     assert_eq!(notice, json!({"order": "interrupt", "notice_s": 120}));
     assert_eq!(host(&s, &src.id).await["state"], "active");
@@ -158,21 +182,34 @@ async fn a_notice_moves_the_job_and_failures_are_said_or_retried() {
     let listening = json!({"state": "listening", "address": "10.9.9.9:4567"});
     assert_eq!(migration_report(src, m, listening.clone()).await, 400);
     assert_eq!(migration_report(dst, m + 100, listening.clone()).await, 404);
-    assert_eq!(migration_report(dst, m, json!({"state": "teleported"})).await, 400);
+    assert_eq!(
+        migration_report(dst, m, json!({"state": "teleported"})).await,
+        400
+    );
     assert_eq!(migration_report(dst, m, listening).await, 200);
     let send = order(src).await.expect("the source's order");
     assert_eq!(
         send,
         json!({"order": "send", "migration": m, "job_id": job, "to": "10.9.9.9:4567", "mode": "precopy"})
     );
-    assert_eq!(migration_report(src, m, json!({"state": "sending"})).await, 200);
+    assert_eq!(
+        migration_report(src, m, json!({"state": "sending"})).await,
+        200
+    );
     assert_eq!(order(src).await, None);
-    let up = src.upload_log(job, "console", b"booted on a\n".to_vec()).await;
+    let up = src
+        .upload_log(job, "console", b"booted on a\n".to_vec())
+        .await;
     assert_eq!(up.status(), 200);
-    assert_eq!(migration_report(dst, m, json!({"state": "committed"})).await, 200);
+    assert_eq!(
+        migration_report(dst, m, json!({"state": "committed"})).await,
+        200
+    );
     // One console log: the source's part, then what the target uploads from empty.
     assert_eq!(
-        dst.upload_log(job, "console", b"on b\n".to_vec()).await.status(),
+        dst.upload_log(job, "console", b"on b\n".to_vec())
+            .await
+            .status(),
         200
     );
     let console = s
@@ -210,12 +247,47 @@ async fn a_notice_moves_the_job_and_failures_are_said_or_retried() {
     })
     .await;
     let text = s.metrics().await;
-    assert_eq!(metric(&text, "hopper_migrations_total{result=\"succeeded\"}"), 1.0);
+    assert_eq!(
+        metric(&text, "hopper_migrations_total{result=\"succeeded\"}"),
+        1.0
+    );
     assert_eq!(metric(&text, "hopper_migration_pause_seconds_count"), 1.0);
     // The job is the target's: it reports, and the source may not.
     assert_eq!(src.report(job, "finished").await.status(), 404);
     assert_eq!(dst.report(job, "finished").await.status(), 200);
     assert_eq!(s.job(job).await.unwrap()["state"], "completed");
+    // `up` showed each step on its terminal, in order; it did not start these hosts, so it
+    // kills none of them.
+    let src_name = host(&s, &src.id).await["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dst_name = host(&s, &dst.id).await["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let terminal = s
+        .wait_for("the job's end on the terminal", WAIT, || async {
+            let text = s.stdout_text();
+            text.contains(&format!("job {job}: completed success"))
+                .then_some(text)
+        })
+        .await;
+    assert_in_order(
+        &terminal,
+        &[
+            format!(
+                "chaos: {src_name} gets a 120 s notice; `up` did not start it, so nothing kills it"
+            ),
+            format!("runner host {src_name} got a termination notice: it goes in "),
+            format!("job {job}: moving from {src_name} to {dst_name} (precopy, migration {m})"),
+            format!("job {job}: moved to {dst_name}"),
+            "guest paused 42 ms (3.1 s and 0.1 MiB in all)".into(),
+            format!("runner host {src_name} is evacuated"),
+            format!("job {job}: completed success"),
+        ],
+    );
+    assert!(!terminal.contains("killed"), "{terminal}");
 
     // A drain with nowhere to go: said in the job's record, and the job runs on.
     let job2 = submit(&s).await;
@@ -254,11 +326,23 @@ async fn a_notice_moves_the_job_and_failures_are_said_or_retried() {
     assert_ne!(m1, m2);
     assert_eq!(order(bad).await, None, "a failed target is not asked again");
     assert_eq!(
-        migration_report(good, m2, json!({"state": "listening", "address": "10.9.9.8:1"})).await,
+        migration_report(
+            good,
+            m2,
+            json!({"state": "listening", "address": "10.9.9.8:1"})
+        )
+        .await,
         200
     );
-    assert_eq!(order(dst).await.unwrap()["mode"], "precopy", "a drain has no deadline");
-    assert_eq!(migration_report(good, m2, json!({"state": "committed"})).await, 200);
+    assert_eq!(
+        order(dst).await.unwrap()["mode"],
+        "precopy",
+        "a drain has no deadline"
+    );
+    assert_eq!(
+        migration_report(good, m2, json!({"state": "committed"})).await,
+        200
+    );
     let j = s.job(job2).await.unwrap();
     assert_eq!(j["host_id"], good.id.as_str());
     assert_eq!(j["reason"], Value::Null, "the no-capacity reason is gone");
@@ -274,7 +358,21 @@ async fn a_notice_moves_the_job_and_failures_are_said_or_retried() {
         "the failure says why"
     );
     let text = s.metrics().await;
-    assert_eq!(metric(&text, "hopper_migrations_total{result=\"failed\"}"), 1.0);
+    assert_eq!(
+        metric(&text, "hopper_migrations_total{result=\"failed\"}"),
+        1.0
+    );
+}
+
+/// Each of `lines` is in `text`, after the one before.
+fn assert_in_order(text: &str, lines: &[String]) {
+    let mut from = 0;
+    for line in lines {
+        match text[from..].find(line.as_str()) {
+            Some(at) => from += at + line.len(),
+            None => panic!("{line:?} is not shown after what comes before it:\n{text}"),
+        }
+    }
 }
 
 fn chrono_ms() -> i64 {

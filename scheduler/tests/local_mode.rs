@@ -298,6 +298,36 @@ async fn submission_is_refused_with_a_github_app() {
     gh.assert_no_violations();
 }
 
+#[test]
+fn up_refuses_bad_runner_host_counts_before_creating_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let never = dir.path().join("never");
+    for (args, says) in [
+        (&["--hosts", "0"][..], "1..=8"),
+        (&["--hosts", "9"], "1..=8"),
+        (
+            &["--demo", "evacuate", "--hosts", "1"],
+            "--demo evacuate moves a job from one runner host to another: it needs --hosts 2",
+        ),
+        (
+            &["--demo", "evacuate", "--runner", "none"],
+            "not --runner none",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hopper-scheduler"))
+            .arg("up")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&never)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!never.exists(), "{args:?}");
+    }
+}
+
 #[tokio::test]
 async fn serve_without_an_app_takes_submissions_only_when_asked() {
     let dir = tempfile::tempdir().unwrap();

@@ -18,6 +18,26 @@ use crate::HarnessError;
 
 /// The address of the machine running the tests, as seen from inside a test host.
 pub const HOST_GATEWAY: &str = "10.0.2.2";
+/// The data directory of the first runner host daemon in a test host.
+pub const RUNNER_DATA: &str = "/var/lib/hopper/runner";
+
+/// Runner host daemon `i`'s data directory in a test host: [`RUNNER_DATA`] for the first.
+pub fn runner_data_dir(i: usize) -> String {
+    match i {
+        0 => RUNNER_DATA.to_string(),
+        i => format!("{RUNNER_DATA}-{i}"),
+    }
+}
+
+/// Runner host daemon `i`'s TAP prefix: daemons sharing a machine need their own (`hjob`,
+/// `hjoba`…); all start with `hjob`, the runner's default, so one count sees every host's
+/// devices.
+pub fn runner_tap_prefix(i: usize) -> String {
+    match i {
+        0 => "hjob".into(),
+        i => format!("hjob{}", char::from(b'a' + (i - 1) as u8)),
+    }
+}
 
 /// Builds the release scheduler binary (incremental: cheap when nothing changed) in the same
 /// target directory as the running tests and returns its path. It is built as the test run

@@ -124,16 +124,18 @@ pub async fn report(
     let (m, ended) = reported.map_err(|e| match e {
         MigrationReportError::NotYours(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
         MigrationReportError::WrongSide(_) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
-        MigrationReportError::Conflict { .. } => {
-            ApiError::new(StatusCode::CONFLICT, e.to_string())
-        }
+        MigrationReportError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
         MigrationReportError::Store(e) => e.into(),
     })?;
     if ended && m.result == MigrationResult::Succeeded {
         // The target uploads its logs from empty: what the source sent so far stays.
         let job = m.job_id;
         if let Err(e) = state.logs(move |l| l.seal(job)).await {
-            tracing::error!(migration = id, job, "cannot keep the logs from the source: {e}");
+            tracing::error!(
+                migration = id,
+                job,
+                "cannot keep the logs from the source: {e}"
+            );
         }
     }
     // Metrics count a success once its pause is known (the source's `sent`), and a failure
@@ -171,8 +173,8 @@ pub struct Interrupt {
 /// Interrupt a host (chaos)
 ///
 /// The host gets a termination notice by its long-poll exactly as from its cloud, and acts on
-/// it as on one: it reports it, and its jobs are moved. In local mode (`hopper-scheduler up`)
-/// the host is killed when the notice runs out.
+/// it as on one: it reports it, and its jobs are moved. In local mode, a runner host that
+/// `hopper-scheduler up` started is killed when the notice runs out.
 #[utoipa::path(
     post,
     path = "/api/v1/hosts/{id}/interrupt",
@@ -197,29 +199,44 @@ pub async fn interrupt(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Host>), ApiError> {
     let req: Interrupt = parse_json(&body)?;
-    if req.notice_s == 0 || req.notice_s > MAX_NOTICE_S {
+    let after = interrupt_host(&state, &host_id, req.notice_s).await?;
+    Ok((StatusCode::ACCEPTED, Json(after)))
+}
+
+/// What `POST /api/v1/hosts/{id}/interrupt` does once its body is read, for `up --demo
+/// evacuate` too: the host gets a chaos notice, and in local mode whoever kills hosts hears of
+/// it. Returns the host afterwards.
+pub async fn interrupt_host(
+    state: &AppState,
+    host_id: &str,
+    notice_s: u64,
+) -> Result<Host, ApiError> {
+    if notice_s == 0 || notice_s > MAX_NOTICE_S {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("notice_s must be 1 to {MAX_NOTICE_S}"),
         ));
     }
-    let host = existing(&state, &host_id).await?;
+    let host = existing(state, host_id).await?;
     let id = host.id.clone();
     let after = state
-        .store(move |s| s.interrupt(&id, req.notice_s))
+        .store(move |s| s.interrupt(&id, notice_s))
         .await?
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::CONFLICT,
-                format!("the host is {}: only a host taking jobs gets a notice", host.state.as_str()),
+                format!(
+                    "the host is {}: only a host taking jobs gets a notice",
+                    host.state.as_str()
+                ),
             )
         })?;
-    tracing::warn!(host = %host.id, name = %host.name, notice_s = req.notice_s, "chaos: the host gets a termination notice");
+    tracing::warn!(host = %host.id, name = %host.name, notice_s, "chaos: the host gets a termination notice");
     if let Some(kill) = &state.chaos_kill {
-        let _ = kill.send((host.id.clone(), std::time::Duration::from_secs(req.notice_s)));
+        let _ = kill.send((host.id.clone(), std::time::Duration::from_secs(notice_s)));
     }
     state.assignments.notify_waiters();
-    Ok((StatusCode::ACCEPTED, Json(after)))
+    Ok(after)
 }
 
 /// Drain a host

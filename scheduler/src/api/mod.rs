@@ -10,6 +10,8 @@ mod operator;
 mod submit;
 mod webhook;
 
+pub use evacuation::interrupt_host;
+
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;

@@ -1,10 +1,11 @@
 //! `hopper-scheduler up`: the whole path on one machine. It serves the scheduler in this
 //! process with local defaults (data in `./.hopper`, secrets and the operator token generated
-//! there), starts one runner host as a child process (directly, or inside a nested test host
-//! when this machine's KVM cannot run guests), prints what happens to hosts and jobs as short
-//! lines, and with `--demo` runs one job end to end. Ctrl-C or SIGTERM stop the runner host,
-//! then the scheduler.
+//! there), starts runner hosts as child processes (directly, or inside a nested test host
+//! when this machine's KVM cannot run guests), kills those that the chaos API gives a notice
+//! when it runs out, prints what happens to hosts and jobs as short lines, and with `--demo`
+//! runs a demo. Ctrl-C or SIGTERM stop the runner hosts, then the scheduler.
 
+mod chaos;
 mod demo;
 mod runner;
 mod secrets;
@@ -13,9 +14,10 @@ mod watch;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
+use tokio::sync::mpsc;
 
 use crate::config::{RunnerMode, ServeArgs, UpArgs};
 use crate::server::{shutdown_signal, AppState, Scheduler};
@@ -61,6 +63,7 @@ pub(crate) fn print(text: &str) {
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let progress = Progress::start();
+    let hosts = args.runner_hosts().map_err(anyhow::Error::msg)?;
     let dir = &args.data_dir;
     let webhook_secret_file =
         secrets::given_or_generated(args.webhook_secret_file.as_deref(), dir, "webhook-secret")?;
@@ -84,7 +87,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         local_jobs: true,
         options: args.options.clone(),
     };
-    let scheduler = Scheduler::start(&serve).await?;
+    let (chaos_kill, notices) = mpsc::unbounded_channel();
+    let scheduler = Scheduler::start(&serve, Some(chaos_kill)).await?;
     let addr = scheduler.local_addr()?;
     let state = scheduler.state();
     // The same machine-readable line as `serve`, for scripts and tests that use port 0.
@@ -104,54 +108,70 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }));
     let watcher = watch::Watcher::new(state.clone(), progress);
     mark_own_hosts_stopped(&state, &progress).await;
-    let mut runner = match runner_kind {
-        Some(kind) => Some(runner::RunnerHost::start(
+    let mut fleet = match runner_kind {
+        Some(kind) => Some(runner::Fleet::start(
             kind,
             &args,
+            hosts,
             addr.port(),
             &enroll_secret_file,
             progress,
         )?),
         None => None,
     };
+    let (due, mut due_kills) = mpsc::unbounded_channel();
+    let own_hosts = if fleet.is_some() { hosts } else { 0 };
+    tokio::spawn(chaos::schedule(
+        state.clone(),
+        notices,
+        own_hosts,
+        due,
+        progress,
+    ));
+    let (killed, killed_seen) = tokio::sync::watch::channel(Vec::new());
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     // Shows progress until stopped; with --demo it ends with the demo.
     let watching = async {
-        if args.demo {
-            demo::run(&state, watcher, progress, args.demo_timeout).await
-        } else {
-            watcher.run().await
+        match args.demo {
+            Some(kind) => {
+                let shared = demo::Shared {
+                    state: state.clone(),
+                    watcher,
+                    progress,
+                    killed: killed_seen,
+                };
+                demo::run(kind, shared, args.demo_timeout).await
+            }
+            None => watcher.run().await,
         }
     };
+    tokio::pin!(watching);
     let mut server_done = false;
-    let outcome = tokio::select! {
-        _ = &mut shutdown => Ok(()),
-        status = runner_exit(runner.as_mut()) => {
-            // A terminal's Ctrl-C reaches a direct runner host too, and it may end first.
-            if tokio::time::timeout(Duration::from_millis(500), &mut shutdown).await.is_ok() {
-                Ok(())
-            } else {
-                let log = runner.as_ref().map(|r| r.log_tail(30)).unwrap_or_default();
-                Err(anyhow::anyhow!(
-                    "the runner host ended ({status}); its log's last lines:\n{log}"
-                ))
+    let outcome = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            Some(due) = due_kills.recv() => {
+                if let Some(fleet) = fleet.as_mut() {
+                    chaos::kill(fleet, due, &killed, &progress).await;
+                }
             }
-        }
-        result = watching => result,
-        served = &mut server => {
-            server_done = true;
-            match served {
-                Ok(Ok(())) => Err(anyhow::anyhow!("the scheduler stopped")),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(anyhow::Error::new(e).context("scheduler task")),
+            failure = fleet_failure(fleet.as_mut()) => break Err(anyhow::anyhow!(failure)),
+            result = &mut watching => break result,
+            served = &mut server => {
+                server_done = true;
+                break match served {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the scheduler stopped")),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(anyhow::Error::new(e).context("scheduler task")),
+                };
             }
         }
     };
 
-    if let Some(runner) = runner {
-        runner.stop(progress).await;
+    if let Some(fleet) = fleet {
+        fleet.stop(progress).await;
     }
     mark_own_hosts_stopped(&state, &progress).await;
     if !server_done {
@@ -162,18 +182,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     outcome
 }
 
-/// Resolves when the runner host's process ends (never without a runner host).
-async fn runner_exit(runner: Option<&mut runner::RunnerHost>) -> String {
-    match runner {
-        Some(r) => match r.exited().await {
-            Ok(status) => status.to_string(),
-            Err(e) => format!("cannot wait for it: {e}"),
-        },
+/// Resolves when a runner host ends unasked (never without runner hosts), saying how.
+async fn fleet_failure(fleet: Option<&mut runner::Fleet>) -> String {
+    match fleet {
+        Some(f) => f.failure().await,
         None => std::future::pending().await,
     }
 }
 
-/// The runner host reaches the scheduler at 127.0.0.1 (from inside a test host, QEMU's
+/// The runner hosts reach the scheduler at 127.0.0.1 (from inside a test host, QEMU's
 /// 10.0.2.2 leads there), so the scheduler must listen there.
 fn check_reachable_through_loopback(listen: SocketAddr) -> anyhow::Result<()> {
     let ip = listen.ip();
@@ -181,7 +198,7 @@ fn check_reachable_through_loopback(listen: SocketAddr) -> anyhow::Result<()> {
         return Ok(());
     }
     bail!(
-        "--listen {listen}: the runner host reaches the scheduler at 127.0.0.1, so listen on \
+        "--listen {listen}: the runner hosts reach the scheduler at 127.0.0.1, so listen on \
          127.0.0.1 or 0.0.0.0 (or start no runner host: --runner none)"
     )
 }
@@ -195,9 +212,9 @@ fn describe_mode(
     progress: &Progress,
 ) {
     progress.line(format!(
-        "scheduler on http://{addr}; data and logs in {} ({SCHEDULER_LOG}, {})",
+        "scheduler on http://{addr}; data and logs in {} ({SCHEDULER_LOG}; the runner hosts' \
+         below)",
         dir.display(),
-        runner::RUNNER_LOG
     ));
     // Where the token is, never the token: this goes to the terminal and to whatever records it.
     let auth = format!(
@@ -222,11 +239,11 @@ fn describe_mode(
     }
 }
 
-/// Marks the runner hosts `up` starts (all under one name) lost with their jobs: at the start,
-/// those of earlier runs, and at the end this run's, as `up` stops them. Otherwise they would
-/// look alive for `--host-lost-after`, and jobs could be placed on them; a test host's runner
-/// enrolls anew each run. A direct runner host keeps its credentials and is back at its next
-/// heartbeat. Hosts under other names keep their state.
+/// Marks the runner hosts `up` starts (named by `runner::host_name`) lost with their jobs: at
+/// the start, those of earlier runs, and at the end this run's, as `up` stops them. Otherwise
+/// they would look alive for `--host-lost-after`, and jobs could be placed on them; a test
+/// host's runners enroll anew each run. A direct runner host keeps its credentials and is back
+/// at its next heartbeat. Hosts under other names keep their state.
 async fn mark_own_hosts_stopped(state: &Arc<AppState>, progress: &Progress) {
     let result = state
         .store(move |s| {
@@ -234,7 +251,7 @@ async fn mark_own_hosts_stopped(state: &Arc<AppState>, progress: &Progress) {
             for host in s
                 .hosts()?
                 .into_iter()
-                .filter(|h| h.name == runner::HOST_NAME)
+                .filter(|h| runner::host_index(&h.name).is_some())
             {
                 stopped.extend(s.mark_stopped(&host.id)?);
             }

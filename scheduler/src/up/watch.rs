@@ -1,10 +1,13 @@
-//! What `up` shows on the terminal: runner hosts coming up or lost, and each job's steps
-//! (queued, assigned, its VM starting/running/ending, its end), read from the store by the
-//! jobs' last change (a step shorter than a look apart is folded into the next).
+//! What `up` shows on the terminal: runner hosts coming up, getting a notice, evacuated or
+//! lost, and each job's steps (queued, assigned, its VM starting/running/ending, each move to
+//! another host, its end), read from the store by the jobs' last change (a step shorter than a
+//! look apart is folded into the next).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+use hopper_api::{Migration, MigrationResult};
 
 use super::Progress;
 use crate::jobs::{Job, JobState, VmState};
@@ -21,7 +24,16 @@ const OVERLAP_MS: i64 = 5_000;
 struct Shown {
     state: JobState,
     vm: Option<VmState>,
+    migrations: HashMap<u64, MigrationShown>,
     updated_at: i64,
+}
+
+/// What was last shown of a migration: its result, and whether the guest's pause with it
+/// (the source reports it, before or after the target's commit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MigrationShown {
+    result: MigrationResult,
+    paused: bool,
 }
 
 /// What was last shown of a host: nothing until it talks to this run's scheduler (hosts of
@@ -92,7 +104,7 @@ impl Watcher {
             .await?;
         for host in &hosts {
             let before = self.hosts.get(&host.id).map_or(HostShown::NotYet, |h| h.1);
-            let (line, shown) = host_change(before, host, self.since);
+            let (line, shown) = host_change(before, host, self.since, self.last_look);
             if let Some(line) = line {
                 self.progress.line(line);
             }
@@ -103,16 +115,36 @@ impl Watcher {
             .into_iter()
             .filter(|j| j.updated_at >= self.since)
             .collect();
+        let name = |id: &str| self.hosts.get(id).map_or("?", |h| h.0.as_str()).to_string();
         for job in &changed {
-            let host = job.host_id.as_ref().and_then(|id| self.hosts.get(id));
-            let host = host.map_or("?", |h| h.0.as_str());
-            let before = self.jobs.get(&job.id).map(|s| (s.state, s.vm));
-            for line in job_changes(before, job, host, self.since) {
+            let host = job.host_id.as_deref().map_or("?".into(), name);
+            let before = self.jobs.remove(&job.id);
+            let steps = job_changes(
+                before.as_ref().map(|s| (s.state, s.vm)),
+                job,
+                &host,
+                self.since,
+            );
+            let mut moves = Vec::new();
+            let mut migrations = before.map(|s| s.migrations).unwrap_or_default();
+            for m in &job.migrations {
+                let (lines, shown) = migration_changes(migrations.get(&m.id).copied(), m, &name);
+                moves.extend(lines);
+                migrations.insert(m.id, shown);
+            }
+            // A job's end comes after its moves; its other steps come before them.
+            let lines = if ended(job) {
+                moves.into_iter().chain(steps).collect::<Vec<_>>()
+            } else {
+                steps.into_iter().chain(moves).collect()
+            };
+            for line in lines {
                 self.progress.line(line);
             }
             let shown = Shown {
                 state: job.state,
                 vm: job.vm_state,
+                migrations,
                 updated_at: job.updated_at,
             };
             self.jobs.insert(job.id, shown);
@@ -125,23 +157,102 @@ impl Watcher {
     }
 }
 
-fn host_change(before: HostShown, host: &Host, since_ms: i64) -> (Option<String>, HostShown) {
-    let line = match (before, host.state) {
-        (HostShown::NotYet, HostState::Active) if host.last_heartbeat >= since_ms => {
-            format!(
-                "runner host {} ({}) is up: {} vCPUs, {} MiB for jobs",
-                host.name, host.id, host.vcpus, host.memory_mb
-            )
-        }
-        (HostShown::Shown(HostState::Lost), HostState::Active) => {
-            format!("runner host {} is back", host.name)
-        }
-        (HostShown::Shown(HostState::Active), HostState::Lost) => {
-            format!("runner host {} is lost", host.name)
-        }
+/// A local job is over when completed (its VM finished), failed or lost.
+pub(super) fn ended(job: &Job) -> bool {
+    matches!(
+        job.state,
+        JobState::Completed | JobState::Failed | JobState::Lost
+    )
+}
+
+fn host_change(
+    before: HostShown,
+    host: &Host,
+    since_ms: i64,
+    now_ms: i64,
+) -> (Option<String>, HostShown) {
+    let what = match (before, host.state) {
+        (HostShown::NotYet, HostState::Active) if host.last_heartbeat >= since_ms => format!(
+            "({}) is up: {} vCPUs, {} MiB for jobs",
+            host.id, host.vcpus, host.memory_mb
+        ),
+        (HostShown::Shown(was), now) if was != now => match now {
+            HostState::Active if was == HostState::Lost => "is back".into(),
+            HostState::Active => "takes jobs again".into(),
+            HostState::AtRisk => "is at risk: no new jobs go there".into(),
+            HostState::Reclaiming => match host.deadline {
+                Some(deadline) => format!(
+                    "got a termination notice: it goes in {} s; its jobs move to other hosts",
+                    ((deadline - now_ms).max(0) as u64).div_ceil(1000)
+                ),
+                None => "is draining: its jobs move to other hosts".into(),
+            },
+            HostState::Evacuated => "is evacuated: none of its jobs is left on it".into(),
+            HostState::Lost => "is lost".into(),
+        },
         _ => return (None, before),
     };
+    let line = format!("runner host {} {what}", host.name);
     (Some(line), HostShown::Shown(host.state))
+}
+
+/// One line per step of a migration since `before` (nothing shown yet: its start, then where
+/// it is): its start, its success (with the guest's pause once known, on a line of its own if
+/// it comes later), or its failure. Hosts are named by `name`.
+fn migration_changes(
+    before: Option<MigrationShown>,
+    m: &Migration,
+    name: &dyn Fn(&str) -> String,
+) -> (Vec<String>, MigrationShown) {
+    let job = m.job_id;
+    let (from, to) = (name(&m.from), name(&m.to));
+    let shown = MigrationShown {
+        result: m.result,
+        paused: m.paused_ms.is_some(),
+    };
+    let mut out = Vec::new();
+    if before.is_none() {
+        out.push(format!(
+            "job {job}: moving from {from} to {to} ({}, migration {})",
+            m.mode.as_str(),
+            m.id
+        ));
+    }
+    let was = before.map(|b| b.result);
+    match m.result {
+        MigrationResult::Succeeded if was != Some(MigrationResult::Succeeded) => {
+            out.push(match handover(m) {
+                Some(h) => format!("job {job}: moved to {to}: {h}"),
+                None => format!("job {job}: moved to {to}"),
+            });
+        }
+        MigrationResult::Succeeded if before.is_some_and(|b| !b.paused) => {
+            out.extend(handover(m).map(|h| format!("job {job}: its move to {to}: {h}")));
+        }
+        MigrationResult::Failed if was != Some(MigrationResult::Failed) => {
+            out.push(format!(
+                "job {job}: its move to {to} failed: {}",
+                m.message.as_deref().unwrap_or("no reason given")
+            ));
+        }
+        _ => {}
+    }
+    (out, shown)
+}
+
+/// What a migration's handover cost, once its source has said: the guest's pause, and the
+/// whole move's time and bytes.
+pub(super) fn handover(m: &Migration) -> Option<String> {
+    let paused = m.paused_ms?;
+    let all = match (m.total_ms, m.bytes) {
+        (Some(total), Some(bytes)) => format!(
+            " ({:.1} s and {:.1} MiB in all)",
+            total as f64 / 1000.0,
+            bytes as f64 / f64::from(1 << 20)
+        ),
+        _ => String::new(),
+    };
+    Some(format!("guest paused {paused} ms{all}"))
 }
 
 /// One line per step the job took since `before` (its state and VM state as last shown;
@@ -262,5 +373,132 @@ mod tests {
                 "job 9000000000000001: VM starting"
             ]
         );
+    }
+
+    #[test]
+    fn each_change_of_a_host_is_shown_once() {
+        let mut host = Host {
+            id: "h-1".into(),
+            name: "hopper-up".into(),
+            vcpus: 2,
+            memory_mb: 4096,
+            labels: vec![],
+            address: "127.0.0.1".into(),
+            state: HostState::Active,
+            deadline: None,
+            enrolled_at: 0,
+            last_heartbeat: 10,
+            used_vcpus: 0,
+            used_memory_mb: 0,
+        };
+        let now = 1_000_000;
+        let mut shown = HostShown::NotYet;
+        let mut step = |host: &Host| {
+            let (line, after) = host_change(shown, host, 5, now);
+            shown = after;
+            line
+        };
+        assert_eq!(
+            step(&host).as_deref(),
+            Some("runner host hopper-up (h-1) is up: 2 vCPUs, 4096 MiB for jobs")
+        );
+        assert_eq!(step(&host), None);
+        host.state = HostState::Reclaiming;
+        host.deadline = Some(now + 119_400);
+        assert_eq!(
+            step(&host).as_deref(),
+            Some(
+                "runner host hopper-up got a termination notice: it goes in 120 s; its jobs \
+                 move to other hosts"
+            )
+        );
+        assert_eq!(step(&host), None);
+        host.state = HostState::Evacuated;
+        assert_eq!(
+            step(&host).as_deref(),
+            Some("runner host hopper-up is evacuated: none of its jobs is left on it")
+        );
+        host.state = HostState::Lost;
+        assert_eq!(
+            step(&host).as_deref(),
+            Some("runner host hopper-up is lost")
+        );
+        host.state = HostState::Active;
+        assert_eq!(
+            step(&host).as_deref(),
+            Some("runner host hopper-up is back")
+        );
+        host.state = HostState::Reclaiming;
+        host.deadline = None;
+        assert_eq!(
+            step(&host).as_deref(),
+            Some("runner host hopper-up is draining: its jobs move to other hosts")
+        );
+
+        // A host of an earlier run, silent since `up` started, is not shown.
+        host.state = HostState::Active;
+        host.last_heartbeat = 4;
+        assert_eq!(host_change(HostShown::NotYet, &host, 5, now).0, None);
+    }
+
+    #[test]
+    fn each_step_of_a_migration_is_shown_once() {
+        let mut m = Migration {
+            id: 7,
+            job_id: 9,
+            from: "h-a".into(),
+            to: "h-b".into(),
+            mode: hopper_api::MigrationMode::Precopy,
+            result: MigrationResult::Preparing,
+            paused_ms: None,
+            total_ms: None,
+            bytes: None,
+            message: None,
+            started_at: 0,
+            ended_at: None,
+        };
+        let name = |id: &str| id.trim_start_matches("h-").to_string();
+        let mut shown = None;
+        let mut step = |m: &Migration| {
+            let (lines, after) = migration_changes(shown, m, &name);
+            shown = Some(after);
+            lines
+        };
+        assert_eq!(
+            step(&m),
+            ["job 9: moving from a to b (precopy, migration 7)"]
+        );
+        m.result = MigrationResult::Sending;
+        assert!(step(&m).is_empty());
+        // The target's commit before the source's figures.
+        m.result = MigrationResult::Succeeded;
+        assert_eq!(step(&m), ["job 9: moved to b"]);
+        (m.paused_ms, m.total_ms, m.bytes) = (Some(42), Some(3140), Some(12 << 20));
+        assert_eq!(
+            step(&m),
+            ["job 9: its move to b: guest paused 42 ms (3.1 s and 12.0 MiB in all)"]
+        );
+        assert!(step(&m).is_empty());
+
+        // Started and ended between two looks, the figures first.
+        assert_eq!(
+            migration_changes(None, &m, &name).0,
+            [
+                "job 9: moving from a to b (precopy, migration 7)",
+                "job 9: moved to b: guest paused 42 ms (3.1 s and 12.0 MiB in all)"
+            ]
+        );
+        m.result = MigrationResult::Failed;
+        m.message = Some("the target did not answer".into());
+        let listening = MigrationShown {
+            result: MigrationResult::Listening,
+            paused: false,
+        };
+        let (lines, failed) = migration_changes(Some(listening), &m, &name);
+        assert_eq!(
+            lines,
+            ["job 9: its move to b failed: the target did not answer"]
+        );
+        assert!(migration_changes(Some(failed), &m, &name).0.is_empty());
     }
 }

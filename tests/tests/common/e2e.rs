@@ -12,6 +12,9 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context};
 use hopper_test_support::fixtures::octokit_dir;
 use hopper_test_support::github::{app_key, RemoteJob, StandIn};
+use hopper_tests::scheduler::runner_tap_prefix;
+/// The runner hosts' data directories inside the test host.
+pub use hopper_tests::scheduler::{runner_data_dir as data_dir, RUNNER_DATA as DATA};
 use hopper_tests::{SchedulerProcess, TestHost, TestHostOptions};
 use serde_json::Value;
 
@@ -19,8 +22,6 @@ const APP_ID: u64 = 4242;
 const INSTALLATION_ID: u64 = 42;
 const WEBHOOK_SECRET: &str = "e2e-webhook-secret-5b7d";
 const ENROLL_SECRET: &str = "e2e-enroll-secret-8c2a";
-/// The runner host's data directory inside the test host.
-pub const DATA: &str = "/var/lib/hopper/runner";
 
 /// A real `workflow_job` example from @octokit/webhooks-examples (the queued one with an
 /// installation), made into job `id` with `labels`, at the stand-in's installation.
@@ -75,23 +76,6 @@ pub struct Setup {
     /// Extra arguments of each runner host daemon in the test host (one daemon per entry).
     runners: Vec<String>,
     _dir: tempfile::TempDir,
-}
-
-/// Runner host `i`'s data directory in the test host: [`DATA`] for the first.
-pub fn data_dir(i: usize) -> String {
-    match i {
-        0 => DATA.to_string(),
-        i => format!("{DATA}-{i}"),
-    }
-}
-
-/// Runner host `i`'s TAP prefix: daemons sharing a machine need their own (`hjob`, `hjoba`…);
-/// all start with `hjob`, so one count sees every host's devices.
-fn tap_prefix(i: usize) -> String {
-    match i {
-        0 => "hjob".into(),
-        i => format!("hjob{}", (b'a' + (i as u8 - 1)) as char),
-    }
 }
 
 impl Setup {
@@ -150,13 +134,17 @@ impl Setup {
         }
         setup
             .scheduler
-            .wait_for("the runner hosts to enroll", Duration::from_secs(60), || {
-                let hosts = setup.scheduler.get_json("/api/v1/hosts")?;
-                Ok(hosts
-                    .as_array()
-                    .is_some_and(|h| h.len() == runners.len())
-                    .then_some(()))
-            })
+            .wait_for(
+                "the runner hosts to enroll",
+                Duration::from_secs(60),
+                || {
+                    let hosts = setup.scheduler.get_json("/api/v1/hosts")?;
+                    Ok(hosts
+                        .as_array()
+                        .is_some_and(|h| h.len() == runners.len())
+                        .then_some(()))
+                },
+            )
             .with_context(|| setup.runner_log())?;
         Ok(setup)
     }
@@ -179,7 +167,7 @@ impl Setup {
             url = self.scheduler.url_from_test_host(),
             vcpus = self.vcpus,
             memory_mb = self.memory_mb,
-            prefix = tap_prefix(i),
+            prefix = runner_tap_prefix(i),
             extra = self.runners[i],
         ))?;
         Ok(())
@@ -381,9 +369,9 @@ impl Setup {
     /// Waits until job `id` has moved `n` times; returns it.
     pub fn wait_moves(&self, id: u64, n: usize) -> anyhow::Result<Value> {
         self.wait_job(id, &format!("job {id}'s move number {n}"), |job| {
-            job["migrations"].as_array().is_some_and(|m| {
-                m.iter().filter(|m| m["result"] == "succeeded").count() == n
-            })
+            job["migrations"]
+                .as_array()
+                .is_some_and(|m| m.iter().filter(|m| m["result"] == "succeeded").count() == n)
         })
     }
 

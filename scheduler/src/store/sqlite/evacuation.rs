@@ -54,6 +54,16 @@ fn get(conn: &Connection, id: u64) -> Result<Option<(u64, Migration)>, StoreErro
         .optional()?)
 }
 
+/// A migration is part of its job's record, so its changes are the job's (what
+/// `jobs_updated_since` finds).
+fn touch_job(tx: &Transaction<'_>, job_id: u64, now: i64) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE jobs SET updated_at = ?2 WHERE id = ?1",
+        params![job_id as i64, now],
+    )?;
+    Ok(())
+}
+
 /// A job's migrations, oldest first.
 pub fn of_job(conn: &Connection, job_id: u64) -> Result<Vec<Migration>, StoreError> {
     let sql = format!("SELECT {COLUMNS} FROM migrations WHERE job_id = ?1 ORDER BY id");
@@ -242,12 +252,15 @@ pub fn start(
     let Some(from) = from else {
         return Ok(None);
     };
+    let now = now_ms();
     tx.execute(
         "INSERT INTO migrations (job_id, from_host, to_host, mode, result, started_at) \
          VALUES (?1, ?2, ?3, ?4, 'preparing', ?5)",
-        params![job_id as i64, from, to, mode.as_str(), now_ms()],
+        params![job_id as i64, from, to, mode.as_str(), now],
     )?;
-    Ok(get(tx, tx.last_insert_rowid() as u64)?.map(|(_, m)| m))
+    let id = tx.last_insert_rowid() as u64;
+    touch_job(tx, job_id, now)?;
+    Ok(get(tx, id)?.map(|(_, m)| m))
 }
 
 pub fn report(
@@ -336,6 +349,9 @@ pub fn report(
     let after = get(tx, id)?
         .map(|(_, m)| m)
         .ok_or(MigrationReportError::NotYours(id))?;
+    if after != m {
+        touch_job(tx, job_id, now)?;
+    }
     let ended = m.result.is_open() && !after.result.is_open();
     Ok((after, ended))
 }
@@ -359,7 +375,10 @@ fn fail_where(
             "UPDATE migrations SET result = 'failed', message = ?2, ended_at = ?3 WHERE id = ?1",
             params![id, message, now],
         )?;
-        out.extend(get(tx, id as u64)?.map(|(_, m)| m));
+        if let Some((job_id, m)) = get(tx, id as u64)? {
+            touch_job(tx, job_id, now)?;
+            out.push(m);
+        }
     }
     Ok(out)
 }

@@ -12,12 +12,12 @@ use super::{
     Assignment, DeliveryOutcome, Host, HostOrder, HostState, JobChange, JobUpdate, LostHost,
     MigrationReportError, NewHost, ReportError, RunnerGrant, Store, StoreError,
 };
-use hopper_api::{Migration, MigrationMode, MigrationReport, NoticeKind};
 use crate::jobs::{transition, Job, JobState, Transition, VmState, LOCAL_JOB_ID_BASE};
 use crate::labels::Shape;
 use crate::now_ms;
 use crate::redact::JitFingerprint;
 use crate::secret::Secret;
+use hopper_api::{Migration, MigrationMode, MigrationReport, NoticeKind};
 
 /// Ordered schema migrations; entry N brings the schema from version N to N+1. Append only.
 const MIGRATIONS: &[&str] = &[
@@ -826,6 +826,79 @@ mod tests {
             .unwrap();
         assert_eq!(failed.state, JobState::Failed);
         assert_eq!(failed.reason.as_deref(), Some("exit code 3"));
+    }
+
+    fn enroll(store: &SqliteStore, name: &str) -> crate::store::Host {
+        let host = NewHost {
+            name: name.into(),
+            vcpus: 2,
+            memory_mb: 2048,
+            labels: vec![],
+            address: "a".into(),
+            // The store keeps no request.
+            csr: String::new(),
+        };
+        let id = crate::store::new_host_id();
+        store.enroll_host(&id, &host, name.as_bytes()).unwrap()
+    }
+
+    /// `up` shows a job's moves by the jobs that changed: each step of a migration is one.
+    #[test]
+    fn each_step_of_a_migration_is_a_change_of_its_job() {
+        let store = SqliteStore::in_memory().unwrap();
+        let (a, b) = (enroll(&store, "a"), enroll(&store, "b"));
+        let job = store
+            .create_local_job(&local_job(&["hopper"]), None)
+            .unwrap();
+        let grant = RunnerGrant {
+            runner_id: job.id,
+            runner_name: "r".into(),
+            jit_config: Secret::new("cfg"),
+        };
+        assert!(store.assign(job.id, &a.id, &grant).unwrap());
+        store
+            .report_vm(&a.id, job.id, VmState::Running, None)
+            .unwrap();
+        // Every change so far a minute old: what is found after is the step's.
+        let changed_by = |step: &dyn Fn()| {
+            let conn = store.conn.lock().unwrap();
+            conn.execute("UPDATE jobs SET updated_at = updated_at - 60000", [])
+                .unwrap();
+            drop(conn);
+            step();
+            let since = now_ms() - 30_000;
+            let changed = store.jobs_updated_since(since).unwrap();
+            changed.iter().map(|j| j.id).collect::<Vec<_>>()
+        };
+        let m = std::cell::Cell::new(0);
+        let started = changed_by(&|| {
+            let started = store.start_migration(job.id, &b.id, MigrationMode::Precopy);
+            m.set(started.unwrap().unwrap().id);
+        });
+        assert_eq!(started, [job.id]);
+        let report = |host: &str, r: MigrationReport| {
+            store.report_migration(host, m.get(), &r).unwrap();
+        };
+        let listening = MigrationReport::Listening {
+            address: "b:1".into(),
+        };
+        assert_eq!(changed_by(&|| report(&b.id, listening.clone())), [job.id]);
+        let failed = MigrationReport::Failed {
+            message: "no".into(),
+        };
+        assert_eq!(changed_by(&|| report(&b.id, failed.clone())), [job.id]);
+        // A late word that changes nothing is no change.
+        assert_eq!(
+            changed_by(&|| report(&a.id, failed.clone())),
+            Vec::<u64>::new()
+        );
+
+        let expired = changed_by(&|| {
+            let again = store.start_migration(job.id, &b.id, MigrationMode::Precopy);
+            assert!(again.unwrap().is_some());
+            assert_eq!(store.expire_migrations(now_ms() + 1).unwrap().len(), 1);
+        });
+        assert_eq!(expired, [job.id]);
     }
 
     #[test]
