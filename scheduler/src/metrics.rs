@@ -23,9 +23,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Upper bounds (seconds) of the guest-pause buckets of migrations.
-const PAUSE_BUCKETS: &[f64] = &[
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+const PAUSE_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Migration results; the `result` label of `hopper_migrations_total`.
 pub const MIGRATION_RESULTS: &[&str] = &["succeeded", "failed"];

@@ -20,8 +20,9 @@ mod e2e;
 
 use e2e::Setup;
 
-/// Each job keeps working (and writing memory) for about 20 s: long enough to be moved.
-const LABELS: [&str; 2] = ["hopper-1cpu-1gb", "e2e-workload-64-200-10-1000"];
+/// Each job keeps working (and writing memory) for about a minute: long enough to be moved,
+/// three at once, before it ends.
+const LABELS: [&str; 2] = ["hopper-1cpu-1gb", "e2e-workload-64-600-10-1000"];
 
 struct Round {
     /// Notice to the last job running again on the target.
@@ -57,20 +58,24 @@ fn main() -> Result<()> {
             table.push((notice_s, jobs, samples));
         }
     }
-    let cold_start = median(&mut cold);
+    let cold_start = median(&cold);
     println!("\njob_evacuation (two runner hosts in one test host; medians of {rounds} rounds)\n");
     println!("| notice | job VMs | mode | notice → all jobs running again | notice → host free | share of the notice | guest pause |");
     println!("|---|---|---|---|---|---|---|");
-    for (notice_s, jobs, mut samples) in table {
-        let moved = median(&mut samples.iter().map(|r| r.all_moved).collect::<Vec<_>>());
-        let free = median(&mut samples.iter().map(|r| r.source_free).collect::<Vec<_>>());
+    for (notice_s, jobs, samples) in table {
+        let moved = median(&samples.iter().map(|r| r.all_moved).collect::<Vec<_>>());
+        let free = median(&samples.iter().map(|r| r.source_free).collect::<Vec<_>>());
         let pause = median(
-            &mut samples
-                .iter_mut()
-                .flat_map(|r| r.pauses_ms.drain(..))
+            &samples
+                .iter()
+                .flat_map(|r| r.pauses_ms.iter().copied())
                 .collect::<Vec<_>>(),
         );
-        let mode = if notice_s >= 120 { "pre-copy" } else { "post-copy" };
+        let mode = if notice_s >= 120 {
+            "pre-copy"
+        } else {
+            "post-copy"
+        };
         println!(
             "| {notice_s} s | {jobs} | {mode} | {moved:.2} s | {free:.2} s | {:.0} % | {pause:.0} ms |",
             100.0 * free / notice_s as f64

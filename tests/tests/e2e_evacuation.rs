@@ -36,10 +36,6 @@ fn label(w: &Workload) -> String {
     )
 }
 
-
-
-
-
 /// Checks that the job ended on its last host with the digest of an undisturbed run.
 fn assert_completed_undisturbed(s: &Setup, id: u64, digest: &str) -> anyhow::Result<Value> {
     let job = s.wait_vm_done(id, Duration::from_secs(240))?;
@@ -101,7 +97,11 @@ fn aws_notice_moves_the_job(s: &Setup, imds: &[Imds], digest: &str) -> anyhow::R
     let moved_after = noticed.elapsed();
     let m = &job["migrations"][0];
     ensure!(m["from"] == from_id.as_str(), "moved from {}", m["from"]);
-    ensure!(m["mode"] == "precopy", "a 2-minute notice gets {}", m["mode"]);
+    ensure!(
+        m["mode"] == "precopy",
+        "a 2-minute notice gets {}",
+        m["mode"]
+    );
     let (to, _) = s.host_of(id)?;
     ensure!(to != from, "the job is still on runner-{from}");
     // The source is done once it has reported what the move took.
@@ -124,7 +124,8 @@ fn aws_notice_moves_the_job(s: &Setup, imds: &[Imds], digest: &str) -> anyhow::R
         .find(|h| h["id"] == from_id.as_str())
         .unwrap();
     ensure!(source["state"] == "reclaiming" || source["state"] == "evacuated");
-    s.host.sh(&format!("kill -9 $(cat /tmp/runner-host-{from}.pid)"))?;
+    s.host
+        .sh(&format!("kill -9 $(cat /tmp/runner-host-{from}.pid)"))?;
     let job = assert_completed_undisturbed(s, id, digest)?;
     ensure!(job["migrations"].as_array().unwrap().len() == 1);
     s.complete(id, &labels)?;

@@ -15,8 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use hopper_agent::{AgentClient, ClientError, Exec, ExecOutput, ExitStatus};
 use hopper_api::{
-    Assignment, LogName, MigrationMode, MigrationReport, MigrationStats, Secret, SendOrder,
-    VmState,
+    Assignment, LogName, MigrationMode, MigrationReport, MigrationStats, Secret, SendOrder, VmState,
 };
 use hopper_vmm::control::{self, Request};
 use hopper_vmm::migration::{MigrateOptions, TlsFiles};
@@ -265,7 +264,14 @@ async fn evacuate(
                     total_ms: s.total_ms,
                     bytes: s.wire_bytes,
                 };
-                tracing::info!(job, migration = m, paused_ms = s.downtime_ms, total_ms = s.total_ms, bytes = s.wire_bytes, "the VM runs on the target");
+                tracing::info!(
+                    job,
+                    migration = m,
+                    paused_ms = s.downtime_ms,
+                    total_ms = s.total_ms,
+                    bytes = s.wire_bytes,
+                    "the VM runs on the target"
+                );
                 dir.note(&format!(
                     "handed over: guest paused {} ms, {} ms in all, {} bytes sent",
                     s.downtime_ms, s.total_ms, s.wire_bytes
@@ -277,7 +283,11 @@ async fn evacuate(
             Err(e) => format!("the VMM did not answer: {e}"),
         };
         in_flight.store(false, Ordering::Relaxed);
-        tracing::warn!(job, migration = m, "migration failed; the VM runs on here: {failure}");
+        tracing::warn!(
+            job,
+            migration = m,
+            "migration failed; the VM runs on here: {failure}"
+        );
         dir.note(&format!("the move failed, the VM runs on here: {failure}"));
         report_migration(ctx, m, &MigrationReport::Failed { message: failure }).await;
     }
@@ -300,7 +310,10 @@ pub async fn report_migration(ctx: &JobContext, migration: u64, report: &Migrati
                 return;
             }
             Err(e) => {
-                tracing::warn!(migration, "migration report failed, retrying in {wait:?}: {e}");
+                tracing::warn!(
+                    migration,
+                    "migration report failed, retrying in {wait:?}: {e}"
+                );
                 tokio::time::sleep(wait).await;
                 wait *= 2;
             }

@@ -531,7 +531,13 @@ async fn poll_loop(
                     repeat().await;
                     continue;
                 }
-                tracing::info!(job = id, migration = r.migration, vcpus = r.shape.vcpus(), memory_gb = r.shape.memory_gb(), "receiving a job's VM from another host");
+                tracing::info!(
+                    job = id,
+                    migration = r.migration,
+                    vcpus = r.shape.vcpus(),
+                    memory_gb = r.shape.memory_gb(),
+                    "receiving a job's VM from another host"
+                );
                 let (tx, rx) = mpsc::channel(4);
                 active.insert(id, tx);
                 let (ctx, stop) = (ctx.clone(), stop.child_token());
@@ -559,7 +565,10 @@ async fn poll_loop(
             }
             Order::Interrupt(i) => {
                 let deadline = SystemTime::now() + Duration::from_secs(i.notice_s);
-                tracing::warn!(notice_s = i.notice_s, "chaos: termination notice from the scheduler");
+                tracing::warn!(
+                    notice_s = i.notice_s,
+                    "chaos: termination notice from the scheduler"
+                );
                 let report = NoticeReport {
                     kind: NoticeKind::Reclaim,
                     deadline: Some(epoch_ms(deadline)),

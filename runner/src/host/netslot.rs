@@ -139,7 +139,10 @@ mod tests {
             "hopper.ip=172.16.0.6/30 hopper.gw=172.16.0.5"
         );
         assert!(matches!(slots.acquire(0), Err(SlotError::Taken(0))));
-        assert!(matches!(slots.acquire(1 << 14), Err(SlotError::OutOfRange(_))));
+        assert!(matches!(
+            slots.acquire(1 << 14),
+            Err(SlotError::OutOfRange(_))
+        ));
         drop(a);
         assert_eq!(slots.acquire(0).unwrap().tap(), "hab0");
         let last = slots.acquire((1 << 14) - 1).unwrap();

@@ -98,7 +98,11 @@ async fn arrival(
     let port = match listening.await {
         Ok(Some(addr)) => addr.port(),
         Ok(None) => return Err("the receiving VMM exited before it listened".into()),
-        Err(_) => return Err(format!("the receiving VMM did not listen within {LISTEN_WAIT:?}")),
+        Err(_) => {
+            return Err(format!(
+                "the receiving VMM did not listen within {LISTEN_WAIT:?}"
+            ))
+        }
     };
     let address = format!("{}:{port}", ctx.address);
     report_migration(ctx, m, &MigrationReport::Listening { address }).await;

@@ -45,7 +45,8 @@ pub async fn recover(ctx: &JobContext) -> anyhow::Result<()> {
         finished.push((dir, job_id, message));
     }
     // Every old VMM is gone: nothing holds the old TAP devices any more.
-    resources::clear_leftovers(ctx.net.prefix()).context("cannot remove the previous run's guest networks")?;
+    resources::clear_leftovers(ctx.net.prefix())
+        .context("cannot remove the previous run's guest networks")?;
     for (dir, job_id, message) in finished {
         report_final(ctx, &dir, job_id, VmState::Failed, message).await;
     }

@@ -302,8 +302,15 @@ mod tests {
         let mut line = Vec::new();
         forward_lines(b"noise\nhopper-runner: wait", &mut line, &tx);
         assert!(rx.try_recv().is_err());
-        forward_lines(b"ing on 0.0.0.0:4\nguest hopper-runner: no\n", &mut line, &tx);
-        assert_eq!(rx.try_recv().unwrap(), "hopper-runner: waiting on 0.0.0.0:4");
+        forward_lines(
+            b"ing on 0.0.0.0:4\nguest hopper-runner: no\n",
+            &mut line,
+            &tx,
+        );
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            "hopper-runner: waiting on 0.0.0.0:4"
+        );
         assert!(rx.try_recv().is_err());
     }
 }
