@@ -251,6 +251,9 @@ async fn evacuate(
             order.to,
             order.mode.as_str()
         ));
+        // The job's logs so far, while they are still this host's to upload: after the
+        // handover the target's continue them.
+        logs::upload_all(&ctx.client, &ctx.token, dir, job).await;
         in_flight.store(true, Ordering::Relaxed);
         let postcopy = order.mode == MigrationMode::Postcopy;
         let request = Request::Migrate(MigrateOptions::new(order.to, ctx.tls.clone(), postcopy));
