@@ -30,7 +30,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use hopper_api::{NewHost, NoticeKind, NoticeReport, Order, Secret, SendOrder};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -218,7 +218,9 @@ async fn serve(
         stop.clone(),
     );
     let (reports, to_report) = mpsc::channel(16);
-    tokio::spawn(forward_notices(notices, reports.clone()));
+    let (azure_event, pending_event) = watch::channel(None);
+    tokio::spawn(forward_notices(notices, reports.clone(), azure_event));
+    let mut approval = notice::EventApproval::new(pending_event, args.metadata_url.as_deref());
     let creds = tokio::select! {
         creds = enroll_when_reachable(&client, &args.data_dir, &enroll_secret, &info) => creds?,
         _ = stop.cancelled() => return Ok(()),
@@ -260,7 +262,7 @@ async fn serve(
         stop.clone(),
     ));
     let mut jobs = JoinSet::new();
-    let result = poll_loop(&ctx, &stop, &mut jobs, &reports).await;
+    let result = poll_loop(&ctx, &stop, &mut jobs, &reports, &mut approval).await;
     // Whatever ended the loop ends the jobs too: no VM runs without its daemon.
     stop.cancel();
     if !jobs.is_empty() {
@@ -296,6 +298,7 @@ fn watch_signals(stop: CancellationToken) -> std::io::Result<()> {
 async fn forward_notices(
     mut notices: mpsc::Receiver<notice::Notice>,
     reports: mpsc::Sender<NoticeReport>,
+    azure_event: watch::Sender<Option<String>>,
 ) {
     while let Some(n) = notices.recv().await {
         let (cloud, event_id, detail) = (n.cloud, n.event_id.as_deref(), &n.detail);
@@ -305,6 +308,9 @@ async fn forward_notices(
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();
                 tracing::warn!(%cloud, deadline = %notice::show_time(deadline), seconds_left = left.as_secs(), event_id, "termination notice: the host will be reclaimed ({detail})");
+                if let (notice::Cloud::Azure, Some(id)) = (cloud, event_id) {
+                    let _ = azure_event.send(Some(id.to_string()));
+                }
                 NoticeReport {
                     kind: NoticeKind::Reclaim,
                     deadline: Some(epoch_ms(deadline)),
@@ -468,6 +474,7 @@ async fn poll_loop(
     stop: &CancellationToken,
     jobs: &mut JoinSet<u64>,
     notices: &mpsc::Sender<NoticeReport>,
+    approval: &mut notice::EventApproval,
 ) -> anyhow::Result<()> {
     // The job tasks, by job id, with where their send orders go.
     let mut active: HashMap<u64, mpsc::Sender<SendOrder>> = HashMap::new();
@@ -484,6 +491,10 @@ async fn poll_loop(
                 // failed at the scheduler once the host is found lost or restarted.
                 Err(e) => tracing::error!("a job task failed: {e}"),
             }
+        }
+        // Reclaimed on Azure and empty: the machine may go now rather than at its time.
+        if let Some(event) = approval.due(active.len()) {
+            approval.approve(event);
         }
         let polled = tokio::select! {
             polled = ctx.client.next_order(&ctx.token) => polled,

@@ -97,8 +97,6 @@ fn deadline(ev: &Event, minimum: Duration, now: SystemTime) -> Result<SystemTime
 }
 
 /// Approves the event so that it may start now, as the host is ready for it.
-// Called by the evacuation, which comes next; tested now.
-#[cfg_attr(not(test), allow(dead_code))]
 pub async fn acknowledge(md: &Metadata, event_id: &str) -> Result<(), NoticeError> {
     let body = json!({ "StartRequests": [{ "EventId": event_id }] });
     let req = md

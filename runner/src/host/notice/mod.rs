@@ -10,6 +10,7 @@
 //! "now" (evacuate at once); a notice whose time cannot be read is not believed (logged,
 //! ignored), since a false evacuation costs as much as a missed one.
 
+mod ack;
 mod aws;
 mod azure;
 mod feed;
@@ -27,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use ack::EventApproval;
 pub use http::{check_url, Metadata, NoticeError};
 
 /// `--notice-source`: where notices come from.
