@@ -207,10 +207,19 @@ fn a_target_killed_mid_migration(s: &Setup, digest: &str) -> anyhow::Result<()> 
         .find(|h| h["id"] == doomed.as_str())
         .and_then(|h| h["name"].as_str()?.strip_prefix("runner-")?.parse().ok())
         .context("the target's name")?;
-    // The target machine dies: its daemon and the VMM that receives.
-    s.host.sh(&format!(
-        "kill -9 $(cat /tmp/runner-host-{t}.pid); pkill -9 -f 'vm rece[i]ve' || true"
-    ))?;
+    // The target machine dies: its daemon and the VMM that receives (found by its disk in the
+    // daemon's data directory; `[b]`: the pattern does not match this script's own command line).
+    let kill = format!(
+        "kill -9 $(cat /tmp/runner-host-{t}.pid); \
+         for f in $(grep -l -- '{}/jo[b]s/' /proc/[0-9]*/cmdline); do \
+           p=${{f#/proc/}}; kill -9 ${{p%/cmdline}}; echo killed VMM ${{p%/cmdline}}; done",
+        e2e::data_dir(t)
+    );
+    let killed = s.host.sh(&kill)?;
+    ensure!(
+        killed.contains("killed VMM"),
+        "no receiving VMM to kill: {killed:?}"
+    );
     let job = s.wait_moves(id, 1)?;
     let results: Vec<&str> = job["migrations"]
         .as_array()
