@@ -281,9 +281,7 @@ pub async fn drain(
 async fn existing(state: &AppState, host_id: &str) -> Result<Host, ApiError> {
     let id = host_id.to_string();
     state
-        .store(move |s| s.hosts())
+        .store(move |s| s.host(&id))
         .await?
-        .into_iter()
-        .find(|h| h.id == id)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no host {host_id}")))
 }

@@ -224,6 +224,7 @@ pub trait Store: Send + Sync + 'static {
     /// stay lost).
     fn heartbeat(&self, host_id: &str) -> Result<(), StoreError>;
     fn hosts(&self) -> Result<Vec<Host>, StoreError>;
+    fn host(&self, id: &str) -> Result<Option<Host>, StoreError>;
     /// Marks active hosts whose last heartbeat is before `cutoff_ms` lost, and their jobs.
     fn mark_lost(&self, cutoff_ms: i64) -> Result<Vec<LostHost>, StoreError>;
     /// Marks one active host lost now, and its jobs, because it was stopped on purpose (its

@@ -33,8 +33,8 @@ pub async fn schedule(
 ) {
     while let Some((host_id, notice)) = notices.recv().await {
         let id = host_id.clone();
-        let name = match state.store(move |s| s.hosts()).await {
-            Ok(all) => all.into_iter().find(|h| h.id == id).map(|h| h.name),
+        let name = match state.store(move |s| s.host(&id)).await {
+            Ok(host) => host.map(|h| h.name),
             Err(e) => {
                 tracing::error!(error = %e, host = %host_id, "chaos: cannot read the host");
                 None

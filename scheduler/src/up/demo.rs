@@ -256,10 +256,10 @@ fn is_success(m: &Migration) -> bool {
 
 async fn host_name(state: &AppState, id: &str) -> anyhow::Result<String> {
     let id = id.to_string();
-    let hosts = state.store(|s| s.hosts()).await?;
-    hosts
-        .into_iter()
-        .find(|h| h.id == id)
+    let lookup = id.clone();
+    state
+        .store(move |s| s.host(&lookup))
+        .await?
         .map(|h| h.name)
         .with_context(|| format!("no host {id}"))
 }

@@ -685,6 +685,11 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn host(&self, id: &str) -> Result<Option<Host>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        host_by_id(&conn, id)
+    }
+
     fn mark_lost(&self, cutoff_ms: i64) -> Result<Vec<LostHost>, StoreError> {
         self.with_tx(|tx| {
             let stale: Vec<(String, String)> = tx
